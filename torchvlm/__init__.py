@@ -1,0 +1,2 @@
+"""torchvlm: pure-PyTorch vision-language models."""
+__version__ = "0.1.0"
