@@ -1,0 +1,85 @@
+"""Rotary position embeddings.
+
+The inverse frequencies are a pure function of the config (and, for dynamic NTK scaling, of the longest
+position in the call), recomputed per forward in float32: a handful of tiny ops, no buffer that a
+``model.to(bfloat16)`` could silently round and no state kept between calls.
+
+Supported ``rope_type`` values: ``default``, ``linear``, ``dynamic`` (NTK-aware), ``llama3``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+def check_rope_scaling(scaling: dict | None, where: str = "config.json") -> None:
+    """Raise ConfigError for an unsupported or incomplete ``rope_scaling`` entry."""
+    if not scaling:
+        return
+    kind = scaling.get("rope_type", "default")
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(f"{where}: rope type '{kind}' is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    if kind != "default" and "factor" not in scaling:
+        raise ConfigError(f"{where}: rope_scaling of type '{kind}' needs a 'factor'")
+
+
+def inv_freq(
+    dim: int,
+    theta: float,
+    scaling: dict | None = None,
+    *,
+    seq_len: int | None = None,
+    max_position_embeddings: int | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Inverse frequencies ``[dim // 2]`` (float32) for the given scaling rule."""
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "dynamic":
+        factor = float(scaling["factor"])
+        original = int(scaling.get("original_max_position_embeddings") or max_position_embeddings or 0)
+        if seq_len is not None and original and seq_len > original:
+            theta = theta * ((factor * seq_len / original) - (factor - 1)) ** (dim / (dim - 2))
+    base = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    if kind == "linear":
+        base = base / float(scaling["factor"])
+    elif kind == "llama3":
+        base = _llama3(base, scaling)
+    return base
+
+
+def _llama3(base: Tensor, s: dict) -> Tensor:
+    factor = float(s["factor"])
+    low, high = float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))
+    old_len = float(s.get("original_max_position_embeddings", 8192))
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / base
+    scaled = torch.where(wavelen > low_wavelen, base / factor, base)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: Tensor, freqs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin tables ``[B, T, dim]`` for integer ``positions [B, T]``."""
+    angles = positions[..., None].float() * freqs  # [B, T, dim/2]
+    emb = torch.cat((angles, angles), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x [B, H, T, D]`` by tables ``[B, T, D]`` (half-split layout, as HF checkpoints expect)."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + _rotate_half(x) * sin

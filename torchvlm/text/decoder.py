@@ -1,0 +1,219 @@
+"""The one config-driven text decoder (Llama, Mistral, Qwen2, Gemma, Gemma 2, ... as flags of TextConfig).
+
+Parameter names follow Hugging Face (``model.layers.N.self_attn.q_proj`` ...), so checkpoints load with an
+identity name map. Every forward takes its context explicitly: rope positions, key validity (padding),
+an optional prefix length (prefix-LM), the KV cache and the slot where this step starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import TextConfig
+from ..nn.attention import attention, build_mask
+from ..nn.kv_cache import KVCache
+from ..nn.mlp import GatedMLP
+from ..nn.norm import RMSNorm
+from ..nn.rope import apply_rope, check_rope_scaling, inv_freq, rope_cos_sin
+
+
+@dataclass
+class StepContext:
+    """Per-call attention context shared by all layers of one forward step.
+
+    Attributes:
+        cos, sin: rotary tables ``[B, T, head_dim]``.
+        masks: ``{window: (mask, is_causal)}`` with window ``None`` for full attention. The mask is ``None``
+            where SDPA's own causal flag (an unpadded prefill from slot 0) or no mask at all (a single query
+            that may see every key) is exact.
+        start: first cache slot written by this step.
+    """
+
+    cos: Tensor
+    sin: Tensor
+    masks: dict
+    start: int
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.scale = cfg.attention_scale
+        self.softcap = cfg.attn_logit_softcap
+        self.window = cfg.layer_window(layer_idx)
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=cfg.o_bias)
+
+    def forward(self, x: Tensor, ctx: StepContext, cache: KVCache | None) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, ctx.start, k, v)
+        mask, is_causal = ctx.masks[self.window]
+        out = attention(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale, softcap=self.softcap)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset)  # noqa: E731
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
+        self.input_layernorm = norm()
+        # Llama names its pre-MLP norm "post_attention_layernorm"; Gemma 2 ("sandwich") has four norms, where
+        # "post_attention_layernorm" really follows attention and "pre_feedforward_layernorm" precedes the MLP.
+        self.post_attention_layernorm = norm()
+        self.sandwich = cfg.sandwich_norm
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+
+    def forward(self, x: Tensor, ctx: StepContext, cache: KVCache | None) -> Tensor:
+        h = self.self_attn(self.input_layernorm(x), ctx, cache)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    """Embeddings + decoder layers + final norm (HF's ``model`` submodule of a ``*ForCausalLM``)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        check_rope_scaling(cfg.rope_scaling)
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset)
+        self.windows = sorted({cfg.layer_window(i) for i in range(cfg.num_hidden_layers)}, key=lambda w: w or 0)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """Token embeddings, scaled by ``sqrt(hidden_size)`` (rounded to the weight dtype) where configured."""
+        e = self.embed_tokens(input_ids)
+        if self.cfg.embed_scale:
+            e = e * torch.tensor(self.cfg.hidden_size**0.5, dtype=e.dtype, device=e.device)
+        return e
+
+    def context(
+        self,
+        positions: Tensor,
+        *,
+        dtype: torch.dtype,
+        start: int = 0,
+        key_valid: Tensor | None = None,
+        prefix_len: Tensor | None = None,
+        causal: bool = True,
+    ) -> StepContext:
+        """Build the attention context of one step (rope tables and masks) from explicit inputs."""
+        cfg = self.cfg
+        b, t = positions.shape
+        end = start + t
+        freqs = inv_freq(
+            cfg.head_dim,
+            cfg.rope_theta,
+            cfg.rope_scaling,
+            seq_len=int(positions.max()) + 1 if cfg.rope_scaling else None,
+            max_position_embeddings=cfg.max_position_embeddings,
+            device=positions.device,
+        )
+        cos, sin = rope_cos_sin(positions, freqs, dtype)
+        plain = key_valid is None and prefix_len is None and causal
+        masks: dict = {}
+        for w in self.windows:
+            if plain and (w is None or end <= w) and (t == 1 or start == 0):
+                masks[w] = (None, t > 1)
+            else:
+                q_slots = torch.arange(start, end, device=positions.device).expand(b, t)
+                k_slots = torch.arange(end, device=positions.device)
+                mask = build_mask(
+                    q_slots, k_slots, key_valid=key_valid, causal=causal, prefix_len=prefix_len, sliding_window=w
+                )
+                masks[w] = (mask, False)
+        return StepContext(cos=cos, sin=sin, masks=masks, start=start)
+
+    def forward(
+        self,
+        inputs_embeds: Tensor,
+        positions: Tensor,
+        *,
+        cache: KVCache | None = None,
+        start: int = 0,
+        key_valid: Tensor | None = None,
+        prefix_len: Tensor | None = None,
+        causal: bool = True,
+        output_hidden_states: bool = False,
+    ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+        """Run the decoder.
+
+        Args:
+            inputs_embeds: ``[B, T, D]`` (already scaled; see :meth:`embed`).
+            positions: rope positions ``[B, T]``.
+            cache: KV cache to write slots ``start .. start+T`` into (and to attend over), or None.
+            start: first slot of this step in the cache (0 without a cache).
+            key_valid: ``[B, start+T]`` bool, False for padding slots.
+            prefix_len: ``[B]`` end slot of a bidirectional prefix (prefix-LM), or None.
+            causal: False for fully bidirectional attention.
+            output_hidden_states: also return the input of every layer and the final normed output.
+
+        Returns:
+            (final hidden states after the norm ``[B, T, D]``, tuple of hidden states or None)
+        """
+        ctx = self.context(
+            positions, dtype=inputs_embeds.dtype, start=start, key_valid=key_valid, prefix_len=prefix_len, causal=causal
+        )
+        h = inputs_embeds
+        states = [] if output_hidden_states else None
+        for layer in self.layers:
+            if states is not None:
+                states.append(h)
+            h = layer(h, ctx, cache)
+        h = self.norm(h)
+        if states is not None:
+            states.append(h)
+        return h, (tuple(states) if states is not None else None)
+
+
+class CausalLM(nn.Module):
+    """``TextModel`` + LM head (tied to the embeddings when configured; then no ``lm_head`` parameter exists)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = TextModel(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(hidden, weight)
+        cap = self.cfg.final_logit_softcap
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def new_cache(self, batch_size: int, max_len: int, *, dtype=None, device=None) -> KVCache:
+        """A KV cache sized for this decoder."""
+        w = self.model.embed_tokens.weight
+        return KVCache(
+            self.cfg.num_hidden_layers,
+            batch_size,
+            max_len,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+            dtype=dtype or w.dtype,
+            device=device or w.device,
+        )
