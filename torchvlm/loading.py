@@ -1,0 +1,727 @@
+"""Strict checkpoint loading and atomic saving (safetensors, Hugging Face layout).
+
+Reading
+-------
+:class:`SafetensorsSource` reads ``model.safetensors`` or a sharded checkpoint
+(``model.safetensors.index.json`` + ``model-0000i-of-0000n.safetensors``). It parses the safetensors
+headers itself (so a corrupt or truncated file is reported with the file name, before any tensor is read)
+and reads each tensor with positioned reads straight into a freshly allocated tensor. It does not mmap the
+files: mapped pages that have been touched count in the process RSS, so reading through an mmap and then
+copying costs up to twice the checkpoint in RSS, while reading into the destination costs it once (the data
+passes through the OS page cache, which is not charged to the process). When the checkpoint dtype differs
+from the target dtype only one tensor at a time exists in the checkpoint dtype.
+
+Any object with the four methods of :class:`TensorSource` can be loaded (the GGUF reader implements it too).
+
+Mapping and strictness
+----------------------
+:class:`WeightMap` declares, as data, how checkpoint names become module names (``rename`` regexes applied
+in order with :func:`re.sub`), which checkpoint tensors to skip (``ignore``) and which module tensors may be
+absent (``optional``). :func:`load_weights` refuses to leave anything unexplained: a missing, unexpected or
+wrongly shaped weight is a :class:`~torchvlm.errors.CheckpointError` naming the key and the file.
+
+Writing
+-------
+:func:`save_weights` writes the Hugging Face layout with its own safetensors writer (tensor bytes are
+streamed to the file one tensor at a time, no serialised copy of the whole shard is built) into temporary
+files that are fsynced and then renamed into place, so a crash never leaves a half-written weight file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from .errors import CheckpointError
+
+__all__ = [
+    "TensorSource",
+    "SafetensorsSource",
+    "WeightMap",
+    "load_weights",
+    "save_weights",
+    "SAFE_WEIGHTS_NAME",
+    "SAFE_WEIGHTS_INDEX_NAME",
+]
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+_PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
+_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_MAX_HEADER = 100 * 2**20  # the safetensors format caps the JSON header at 100 MB
+_PROGRESS_BYTES = 2**30
+
+
+# --------------------------------------------------------------------------------------------- dtypes
+def _dtype_table() -> dict[str, torch.dtype]:
+    names = {
+        "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+        "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+        "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+        "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+        "C64": "complex64",
+    }
+    out = {}
+    for code, name in names.items():
+        dt = getattr(torch, name, None)
+        if isinstance(dt, torch.dtype):
+            out[code] = dt
+    return out
+
+
+_ST_TO_TORCH = _dtype_table()
+_TORCH_TO_ST = {v: k for k, v in _ST_TO_TORCH.items()}
+
+
+def _fmt_shape(shape: Iterable[int]) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _few(items: list[str], limit: int = 3) -> str:
+    """Quote up to ``limit`` names and summarise the rest: ``'a', 'b', 'c' and 4 more``."""
+    shown = ", ".join(f"'{x}'" for x in items[:limit])
+    if len(items) > limit:
+        shown += f" and {len(items) - limit} more"
+    return shown
+
+
+# --------------------------------------------------------------------------------------------- protocol
+@runtime_checkable
+class TensorSource(Protocol):
+    """Where checkpoint tensors come from (safetensors files, a GGUF file, an in-memory dict, ...)."""
+
+    def keys(self) -> list[str]:
+        """Checkpoint tensor names."""
+        ...
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of the tensor ``key`` as stored (without reading its data)."""
+        ...
+
+    def get(self, key: str, dtype: torch.dtype | None = None, device=None) -> Tensor:
+        """Read ``key``, converted to ``dtype`` (None: as stored) on ``device`` (None: cpu)."""
+        ...
+
+    def file_of(self, key: str) -> str:
+        """Name of the file holding ``key``, for error messages."""
+        ...
+
+
+class DictSource:
+    """A :class:`TensorSource` over an in-memory ``{name: tensor}`` dict (tests, conversions)."""
+
+    def __init__(self, tensors: Mapping[str, Tensor], name: str = "<state dict>"):
+        self._t = dict(tensors)
+        self._name = name
+
+    def keys(self) -> list[str]:
+        return list(self._t)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._t[key].shape)
+
+    def get(self, key: str, dtype: torch.dtype | None = None, device=None) -> Tensor:
+        t = self._t[key]
+        return t.to(device=device if device is not None else t.device, dtype=dtype or t.dtype, copy=False)
+
+    def file_of(self, key: str) -> str:
+        return self._name
+
+
+# --------------------------------------------------------------------------------------------- safetensors
+@dataclass(frozen=True)
+class _Entry:
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def _parse_safetensors_header(path: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
+    """Parse and validate the header of one .safetensors file; returns (entries, metadata)."""
+    name = path.name
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(
+                    f"{name}: corrupt or truncated safetensors file ({size} bytes, shorter than the 8-byte header length)"
+                )
+            (hlen,) = struct.unpack("<Q", head)
+            if hlen > size - 8 or hlen > _MAX_HEADER:
+                raise CheckpointError(
+                    f"{name}: corrupt or truncated safetensors file (header length {hlen} points past the end of "
+                    f"the {size}-byte file)"
+                )
+            raw = f.read(hlen)
+    except OSError as e:
+        raise CheckpointError(f"{name}: cannot read weight file ({e.strerror or e})") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{name}: corrupt safetensors file (header is not valid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{name}: corrupt safetensors file (header is not a JSON object)")
+    data_start = 8 + hlen
+    meta = header.pop("__metadata__", None) or {}
+    entries: dict[str, _Entry] = {}
+    for key, info in header.items():
+        try:
+            code = info["dtype"]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(f"{name}: corrupt safetensors header entry for '{key}': {info!r}") from None
+        dtype = _ST_TO_TORCH.get(code)
+        if dtype is None:
+            raise CheckpointError(f"{name}: tensor '{key}' has unsupported safetensors dtype '{code}'")
+        if any(s < 0 for s in shape) or begin < 0 or end < begin:
+            raise CheckpointError(f"{name}: corrupt safetensors header entry for '{key}': {info!r}")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        nbytes = _numel(shape) * itemsize
+        if end - begin != nbytes:
+            raise CheckpointError(
+                f"{name}: corrupt safetensors header: tensor '{key}' of shape {_fmt_shape(shape)} {code} needs "
+                f"{nbytes} bytes but its data_offsets span {end - begin}"
+            )
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{name}: truncated safetensors file: tensor '{key}' ends at byte {data_start + end} but the file "
+                f"has {size} bytes"
+            )
+        entries[key] = _Entry(path, dtype, shape, data_start + begin, nbytes)
+    return entries, {str(k): str(v) for k, v in dict(meta).items()}
+
+
+class SafetensorsSource:
+    """Tensors of a Hugging Face safetensors checkpoint (single file or sharded with an index).
+
+    ``path`` is a model directory (``model.safetensors`` is used if present, else
+    ``model.safetensors.index.json`` and its shards) or a single ``.safetensors`` file. All headers are read
+    and validated at construction, so corrupt/truncated/missing files fail here with the file name.
+    Use as a context manager (or call :meth:`close`) to release file handles early.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path).expanduser()
+        self.files: list[str] = []
+        self.metadata: dict[str, str] = {}
+        self._entries: dict[str, _Entry] = {}
+        self._fds: dict[Path, int] = {}
+        self._scratch: Tensor | None = None
+        if path.is_file():
+            self._add_file(path)
+            self.root = path.parent
+            return
+        self.root = path
+        if not path.is_dir():
+            raise CheckpointError(f"weights: '{path}' is neither a directory nor a .safetensors file")
+        single = path / SAFE_WEIGHTS_NAME
+        index = path / SAFE_WEIGHTS_INDEX_NAME
+        if single.is_file():
+            self._add_file(single)
+        elif index.is_file():
+            self._load_index(index)
+        else:
+            msg = f"no weights found in '{path}': looked for {SAFE_WEIGHTS_NAME} and {SAFE_WEIGHTS_INDEX_NAME}"
+            pickles = [n for n in _PICKLE_NAMES if (path / n).exists()]
+            if pickles:
+                msg += (
+                    f"; only {pickles[0]} exists: pickle checkpoints are not loaded for safety, convert it to "
+                    "safetensors (e.g. load it with torch.load(weights_only=True) and save with "
+                    "torchvlm.loading.save_weights)"
+                )
+            raise CheckpointError(msg)
+
+    # -- construction helpers
+    def _add_file(self, file: Path, only: set[str] | None = None) -> dict[str, _Entry]:
+        entries, meta = _parse_safetensors_header(file)
+        self.files.append(file.name)
+        if not self.metadata:
+            self.metadata = meta
+        if only is None:
+            self._entries.update(entries)
+        return entries
+
+    def _load_index(self, index: Path) -> None:
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{index.name}: invalid JSON ({e})") from None
+        except OSError as e:
+            raise CheckpointError(f"{index.name}: cannot read ({e.strerror or e})") from e
+        wmap = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(wmap, dict) or not wmap:
+            raise CheckpointError(f"{index.name}: missing or empty 'weight_map'")
+        by_file: dict[str, list[str]] = {}
+        for key, fname in wmap.items():
+            by_file.setdefault(str(fname), []).append(key)
+        for fname, keys in by_file.items():
+            shard = self.root / fname
+            if not shard.is_file():
+                raise CheckpointError(
+                    f"{index.name} names shard '{fname}' (for '{keys[0]}') which does not exist in '{self.root}'"
+                )
+            entries = self._add_file(shard, only=set(keys))
+            for key in keys:
+                if key not in entries:
+                    raise CheckpointError(
+                        f"tensor '{key}' is listed in {index.name} under '{fname}' but is not in that file"
+                    )
+                self._entries[key] = entries[key]
+
+    # -- TensorSource
+    def keys(self) -> list[str]:
+        """Checkpoint tensor names."""
+        return list(self._entries)
+
+    def _entry(self, key: str) -> _Entry:
+        try:
+            return self._entries[key]
+        except KeyError:
+            raise CheckpointError(f"tensor '{key}' is not in the checkpoint ({', '.join(self.files)})") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Stored shape of ``key``."""
+        return self._entry(key).shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        """Stored dtype of ``key``."""
+        return self._entry(key).dtype
+
+    def nbytes(self, key: str) -> int:
+        """Stored size of ``key`` in bytes."""
+        return self._entry(key).nbytes
+
+    def file_of(self, key: str) -> str:
+        """File name holding ``key``."""
+        return self._entry(key).path.name
+
+    def get(self, key: str, dtype: torch.dtype | None = None, device=None) -> Tensor:
+        """Read ``key`` into a new tensor of ``dtype`` (None: stored dtype) on ``device`` (None: cpu)."""
+        e = self._entry(key)
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if dev.type == "cpu" and (dtype is None or dtype == e.dtype):
+            out = torch.empty(e.shape, dtype=e.dtype)
+            self._read_into(e, key, out)
+            return out
+        # Conversion or another device: stage through one reused buffer. Allocating and freeing a temporary
+        # per tensor instead fragments the malloc heap and can keep ~one extra checkpoint resident.
+        if self._scratch is None or self._scratch.numel() < e.nbytes:
+            self._scratch = None
+            self._scratch = torch.empty(e.nbytes, dtype=torch.uint8)
+        staged = self._scratch[: e.nbytes].view(e.dtype).view(e.shape)
+        self._read_into(e, key, staged)
+        return staged.to(device=dev, dtype=dtype or e.dtype, copy=True)
+
+    # -- reading
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            except OSError as e:
+                raise CheckpointError(f"{path.name}: cannot open weight file ({e.strerror or e})") from e
+            self._fds[path] = fd
+        return fd
+
+    def _read_into(self, e: _Entry, key: str, out: Tensor) -> None:
+        if e.nbytes == 0:
+            return
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        fd = self._fd(e.path)
+        done = 0
+        while done < e.nbytes:
+            chunk = buf[done : done + (1 << 30)]
+            try:
+                if hasattr(os, "preadv"):
+                    n = os.preadv(fd, [chunk], e.start + done)
+                else:  # pragma: no cover - platforms without preadv
+                    os.lseek(fd, e.start + done, os.SEEK_SET)
+                    n = os.readv(fd, [chunk])
+            except OSError as err:
+                raise CheckpointError(f"{e.path.name}: error reading tensor '{key}' ({err.strerror or err})") from err
+            if n <= 0:
+                raise CheckpointError(f"{e.path.name}: truncated while reading tensor '{key}'")
+            done += n
+
+    def close(self) -> None:
+        """Close open file handles and free the staging buffer (reading again reopens them)."""
+        self._scratch = None
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __enter__(self) -> SafetensorsSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"SafetensorsSource({str(self.root)!r}, files={self.files}, tensors={len(self._entries)})"
+
+
+# --------------------------------------------------------------------------------------------- mapping
+@dataclass(frozen=True)
+class WeightMap:
+    """Checkpoint-name -> module-name rules, as data.
+
+    * ``rename``: ``(regex, replacement)`` pairs applied in order with :func:`re.sub` to every checkpoint key.
+    * ``ignore``: regexes (:func:`re.search`) of checkpoint keys to skip silently; tested against the
+      checkpoint key and against its renamed form.
+    * ``optional``: regexes (:func:`re.search`) of module keys that may be absent from the checkpoint (e.g.
+      ``lm_head.weight`` when tied to the embeddings).
+
+    Anchor patterns (``^...$``) where a bare search would match too much.
+    """
+
+    rename: tuple[tuple[str, str], ...] = ()
+    ignore: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+
+    def map_key(self, key: str) -> str:
+        """Module name for checkpoint key ``key``."""
+        for pattern, repl in self.rename:
+            key = re.sub(pattern, repl, key)
+        return key
+
+    def is_ignored(self, key: str, mapped: str | None = None) -> bool:
+        """Whether checkpoint key ``key`` (renamed: ``mapped``) is to be skipped."""
+        return any(re.search(p, key) or (mapped is not None and re.search(p, mapped)) for p in self.ignore)
+
+    def is_optional(self, module_key: str) -> bool:
+        """Whether module key ``module_key`` may be absent from the checkpoint."""
+        return any(re.search(p, module_key) for p in self.optional)
+
+
+# --------------------------------------------------------------------------------------------- loading
+def _files_text(source, keys: Iterable[str] | None = None) -> str:
+    files = getattr(source, "files", None)
+    if not files:
+        seen: dict[str, None] = {}
+        for k in source.keys() if keys is None else keys:
+            try:
+                seen[source.file_of(k)] = None
+            except Exception:  # pragma: no cover - defensive
+                pass
+        files = list(seen)
+    files = list(files)
+    if not files:
+        return "the checkpoint"
+    text = ", ".join(files[:3])
+    if len(files) > 3:
+        text += f" and {len(files) - 3} more files"
+    return text
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm  # optional dependency
+    except Exception:
+        return None
+    return tqdm(total=total, desc="Loading weights", unit="tensor", leave=False)
+
+
+def load_weights(
+    model: nn.Module,
+    source: TensorSource,
+    weight_map: WeightMap = WeightMap(),
+    *,
+    dtype: torch.dtype,
+    device="cpu",
+    keep_dtype: Callable[[str], bool] | None = None,
+) -> None:
+    """Load every parameter and persistent buffer of ``model`` from ``source``, strictly.
+
+    ``model`` is typically built under ``torch.device("meta")``; each tensor is read straight into its final
+    dtype and device and assigned to the module (``load_state_dict(assign=True)``). Floating tensors become
+    ``dtype`` unless ``keep_dtype(module_key)`` is true, in which case they keep the dtype the module declared
+    (e.g. fp32 for a norm or router); non-floating tensors take the module's declared dtype.
+
+    Raises :class:`CheckpointError` for a module key the checkpoint does not provide (unless optional), a
+    checkpoint key that maps to no module key (unless ignored), two checkpoint keys mapping to one module
+    key, a shape mismatch, or a tensor left on the meta device after loading. Shapes are checked before any
+    data is read.
+
+    After assignment, ``model.tie_weights()`` is called if the model defines it, then every submodule's
+    ``_init_buffers(device)`` hook (non-persistent buffers such as RoPE tables).
+    """
+    device = torch.device(device)
+    expected = model.state_dict(keep_vars=True)
+    ckpt_keys = list(source.keys())
+
+    # 1. map names
+    to_load: dict[str, str] = {}  # module key -> checkpoint key
+    unexpected: list[str] = []
+    for ck in ckpt_keys:
+        mk = weight_map.map_key(ck)
+        if weight_map.is_ignored(ck, mk):
+            continue
+        if mk not in expected:
+            unexpected.append(ck)
+            continue
+        if mk in to_load:
+            other = to_load[mk]
+            raise CheckpointError(
+                f"checkpoint weights '{other}' ({source.file_of(other)}) and '{ck}' ({source.file_of(ck)}) both map "
+                f"to model weight '{mk}'"
+            )
+        to_load[mk] = ck
+    missing = [k for k in expected if k not in to_load and not weight_map.is_optional(k)]
+
+    def unexpected_text() -> str:
+        files = sorted({source.file_of(k) for k in unexpected})
+        return f"{_few(unexpected)} in {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}"
+
+    if missing:
+        noun = "weight" if len(missing) == 1 else f"{len(missing)} weights"
+        msg = f"missing {noun} {_few(missing)} (expected by the model, not found in {_files_text(source)})"
+        if unexpected:
+            msg += f"; the checkpoint also has {len(unexpected)} unmapped weight(s): {unexpected_text()}"
+        raise CheckpointError(msg)
+    if unexpected:
+        noun = "weight" if len(unexpected) == 1 else f"{len(unexpected)} weights"
+        raise CheckpointError(f"unexpected {noun} {unexpected_text()} (no matching model weight)")
+
+    # 2. shapes, before reading anything
+    bad = []
+    for mk, ck in to_load.items():
+        want = tuple(expected[mk].shape)
+        have = tuple(source.shape(ck))
+        if want != have:
+            bad.append((mk, ck, have, want))
+    if bad:
+        mk, ck, have, want = bad[0]
+        alias = "" if ck == mk else f" (checkpoint name '{ck}')"
+        msg = (
+            f"shape mismatch for weight '{mk}'{alias} in {source.file_of(ck)}: checkpoint has {_fmt_shape(have)}, "
+            f"model expects {_fmt_shape(want)}"
+        )
+        if len(bad) > 1:
+            msg += f"; also {_few([b[0] for b in bad[1:]])}"
+        raise CheckpointError(msg)
+
+    # 3. read, tensor by tensor, straight into target dtype/device
+    nbytes = getattr(source, "nbytes", None)
+    total = 0
+    for ck in to_load.values():
+        total += nbytes(ck) if callable(nbytes) else _numel(source.shape(ck)) * 2
+    n_files = len({source.file_of(ck) for ck in to_load.values()})
+    bar = _progress(len(to_load), enabled=n_files > 1 or total > _PROGRESS_BYTES)
+    state: dict[str, Tensor] = {}
+    try:
+        for mk, ck in to_load.items():
+            ref = expected[mk]
+            if ref.is_floating_point() and not (keep_dtype is not None and keep_dtype(mk)):
+                target = dtype
+            else:
+                target = ref.dtype
+            t = source.get(ck, dtype=target, device=device)
+            if t.dtype != target or t.device != device:
+                t = t.to(device=device, dtype=target)
+            state[mk] = t
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    if isinstance(source, SafetensorsSource):
+        source.close()  # frees the staging buffer; the source stays usable
+    model.load_state_dict(state, strict=False, assign=True)
+    del state
+
+    # 4. ties, non-persistent buffers, meta check
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()
+    for mod in model.modules():
+        hook = getattr(mod, "_init_buffers", None)
+        if callable(hook):
+            hook(device)
+    left = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
+    left += [n for n, b in model.named_buffers(remove_duplicate=False) if b.is_meta]
+    if left:
+        raise CheckpointError(
+            f"{_few(left)} still on the meta device after loading: not in {_files_text(source)} and not "
+            "initialised by tie_weights() or an _init_buffers(device) hook"
+        )
+
+
+# --------------------------------------------------------------------------------------------- saving
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tensor_bytes(t: Tensor) -> memoryview:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _write_safetensors(path: Path, tensors: list[tuple[str, Tensor]], metadata: Mapping[str, str]) -> None:
+    """Write one safetensors file at ``path`` (not atomic by itself)."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, t in tensors:
+        code = _TORCH_TO_ST.get(t.dtype)
+        if code is None:
+            raise CheckpointError(f"cannot save weight '{name}': dtype {t.dtype} has no safetensors equivalent")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for _, t in tensors:
+            f.write(_tensor_bytes(t))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_weights(
+    state_dict: Mapping[str, Tensor],
+    out_dir: str | os.PathLike,
+    *,
+    max_shard_size: int = 5 * 2**30,
+    metadata: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Save ``state_dict`` in the Hugging Face safetensors layout; returns the file names written.
+
+    One ``model.safetensors`` if everything fits in ``max_shard_size`` bytes, else
+    ``model-0000i-of-0000n.safetensors`` shards (filled in order; a tensor larger than the limit gets its own
+    shard) plus ``model.safetensors.index.json`` (``metadata.total_size`` and ``weight_map``). Every tensor
+    is written as its own contiguous bytes, so tensors sharing storage are simply written twice; callers
+    drop tied keys themselves. ``metadata`` defaults to ``{"format": "pt"}``.
+
+    Files are written to temporaries in ``out_dir``, fsynced and renamed into place; weight files of an
+    earlier save in the same directory that are not part of this one are removed afterwards.
+    """
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt"} if metadata is None else dict(metadata)
+    for name, t in state_dict.items():
+        if not isinstance(t, Tensor):
+            raise CheckpointError(f"cannot save weight '{name}': not a tensor ({type(t).__name__})")
+        if t.is_meta:
+            raise CheckpointError(f"cannot save weight '{name}': it is on the meta device (never loaded)")
+
+    shards: list[list[tuple[str, Tensor]]] = [[]]
+    size = 0
+    total = 0
+    for name, t in state_dict.items():
+        n = t.numel() * t.element_size()
+        total += n
+        if shards[-1] and size + n > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, t))
+        size += n
+
+    if len(shards) == 1:
+        names = [SAFE_WEIGHTS_NAME]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+
+    mode = _umask_mode()
+    temps: list[Path] = []
+    try:
+        for shard, name in zip(shards, names):
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out)
+            os.close(fd)
+            temps.append(Path(tmp))
+            os.chmod(tmp, mode)
+            _write_safetensors(Path(tmp), shard, meta)
+        index_tmp = None
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": {k: name for shard, name in zip(shards, names) for k, _ in shard},
+            }
+            fd, tmp = tempfile.mkstemp(prefix=f".{SAFE_WEIGHTS_INDEX_NAME}.", suffix=".tmp", dir=out)
+            os.chmod(tmp, mode)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            index_tmp = Path(tmp)
+            temps.append(index_tmp)
+            # a stale single file would shadow the new index; remove it before the index appears
+            if (out / SAFE_WEIGHTS_NAME).exists():
+                (out / SAFE_WEIGHTS_NAME).unlink()
+        for tmp, name in zip(temps, names):
+            os.replace(tmp, out / name)
+        if index_tmp is not None:
+            os.replace(index_tmp, out / SAFE_WEIGHTS_INDEX_NAME)
+        temps = []
+        _fsync_dir(out)
+    finally:
+        for tmp in temps:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+    keep = set(names) | ({SAFE_WEIGHTS_INDEX_NAME} if len(shards) > 1 else set())
+    for p in out.iterdir():
+        stale = p.name == SAFE_WEIGHTS_INDEX_NAME or p.name == SAFE_WEIGHTS_NAME or _SHARD_RE.match(p.name)
+        if stale and p.name not in keep:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+    return names + ([SAFE_WEIGHTS_INDEX_NAME] if len(shards) > 1 else [])
