@@ -1,0 +1,316 @@
+"""The model interface every family implements (see DESIGN.md, "The model interface").
+
+A family subclass declares data (``weight_map``, ``save_rename``, ``position_offset``) and implements two
+small hooks: :meth:`VLM.image_features` (pixels -> LM-space features, when it has a vision tower) and,
+optionally, :meth:`VLM.family_inputs` (extra attention context such as PaliGemma's prefix). Everything else,
+loading, saving, forward with loss, the generate loop, freezing, lives here once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import TextConfig
+from ..errors import ConfigError, ProcessorError
+from ..loading import WeightMap
+from ..text.decoder import CausalLM
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelInputs:
+    """What :meth:`VLM.prepare_inputs` hands to the decoder for a prefill (or a training forward).
+
+    Attributes:
+        embeds: ``[B, T, D]`` token embeddings with image features merged in.
+        positions: rope positions ``[B, T]``.
+        key_valid: ``[B, T]`` bool (False on padding) or None when nothing is padded.
+        prefix_len: ``[B]`` end of a bidirectional prefix (prefix-LM), or None.
+    """
+
+    embeds: Tensor
+    positions: Tensor
+    key_valid: Tensor | None = None
+    prefix_len: Tensor | None = None
+
+
+@dataclass
+class ModelOutput:
+    """Result of :meth:`VLM.forward`: ``logits [B, T, V]``, ``loss`` (when labels were given) and, on request,
+    the decoder hidden states (input of every layer, then the final normed output)."""
+
+    logits: Tensor
+    loss: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class ImageFeatures:
+    """Image features in the language model's embedding space.
+
+    Attributes:
+        tokens: ``[N_images, N_tokens, D]``.
+        grid: ``(rows, cols)`` of the token grid when the tokens form one (``rows * cols == N_tokens``).
+    """
+
+    tokens: Tensor
+    grid: tuple[int, int] | None = None
+
+    def spatial(self) -> Tensor:
+        """Tokens as a grid ``[N_images, rows, cols, D]``."""
+        if self.grid is None:
+            raise ValueError("these image features have no spatial grid")
+        return self.tokens.reshape(self.tokens.shape[0], *self.grid, self.tokens.shape[-1])
+
+
+def _dtype_from_config(config: dict) -> torch.dtype:
+    name = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    dtype = table.get(str(name).replace("torch.", ""), torch.float32)
+    return torch.bfloat16 if dtype == torch.float16 else dtype  # fp16 on CPU is slow and overflow-prone
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """Accept ``torch.bfloat16`` or the strings ``bf16``/``bfloat16``/``fp16``/``float16``/``fp32``/``float32``/``auto``."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    table = {
+        "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+        "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    }
+    if dtype == "auto":
+        return None
+    if dtype not in table:
+        raise ConfigError(f"dtype '{dtype}' is not supported (use one of: auto, {', '.join(table)})")
+    return table[dtype]
+
+
+class VLM(nn.Module):
+    """Base class of every torchvlm model (vision-language and text-only).
+
+    Submodules (HF names): ``language_model`` (:class:`~torchvlm.text.decoder.CausalLM`), and for VLMs
+    ``vision_tower`` and ``multi_modal_projector``.
+    """
+
+    #: checkpoint -> module name rules
+    weight_map: ClassVar[WeightMap] = WeightMap()
+    #: module -> saved name rules, applied in order with re.sub by :meth:`save_pretrained`
+    save_rename: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: rope position of the first real token (PaliGemma counts from 1)
+    position_offset: ClassVar[int] = 0
+    #: token id marking image positions (None for text-only models); set per instance from the config
+    image_token_id: int | None = None
+
+    def __init__(self, config: dict, text_config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.text_config = text_config
+        self.language_model = CausalLM(text_config)
+        self.vision_tower: nn.Module | None = None
+        self.multi_modal_projector: nn.Module | None = None
+
+    # ------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id: str | os.PathLike,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str = "cpu",
+        revision: str | None = None,
+        local_files_only: bool | None = None,
+        quantize: str | None = None,
+    ) -> "VLM":
+        """Load a model from a local directory, a ``.gguf`` file, or a hub id (HF cache / download).
+
+        Called on :class:`VLM` it picks the family from ``config.json`` (see :mod:`torchvlm.registry`).
+        The model is built on the meta device and every weight is read once, straight into ``dtype`` on
+        ``device`` (default: the checkpoint's dtype; float16 becomes bfloat16 on CPU).
+        """
+        from .. import registry
+        from ..hub import read_config, resolve_model_path
+        from ..loading import SafetensorsSource, load_weights
+
+        if quantize is not None:
+            raise ConfigError(f"quantize='{quantize}' is not available yet (weight-only int8/int4 is planned)")
+        path = resolve_model_path(model_id, revision=revision, local_files_only=local_files_only)
+        if path.is_file() and path.suffix == ".gguf":
+            from ..gguf import GGUFSource, gguf_config
+
+            config, source, where = gguf_config(path), GGUFSource(path), path.name
+        else:
+            config, source, where = read_config(path), SafetensorsSource(path), str(path / "config.json")
+        impl = registry.model_class(config, where)
+        if cls is not VLM and not issubclass(impl, cls):
+            raise ConfigError(f"{where}: checkpoint is a '{impl.__name__}', not a '{cls.__name__}'")
+        dtype = parse_dtype(dtype) or _dtype_from_config(config)
+        with torch.device("meta"):
+            model = impl.from_config(config, where=where)
+        load_weights(model, source, model.weight_map, dtype=dtype, device=device)
+        model.name_or_path = str(path)
+        return model.eval()
+
+    @classmethod
+    def from_config(cls, config: dict, where: str = "config.json") -> "VLM":
+        """Build an (uninitialised) model from an HF config dict. Families override."""
+        raise NotImplementedError
+
+    def save_pretrained(self, out_dir: str | os.PathLike, *, max_shard_size: int = 5 * 2**30) -> None:
+        """Write ``config.json`` and safetensors weights in the HF layout (reloadable by transformers).
+
+        Tied weights are not written (as in HF). Processor/tokenizer files are saved by the Processor.
+        """
+        from ..loading import save_weights
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {}
+        for name, tensor in self.state_dict().items():
+            for pattern, repl in self.save_rename:
+                name = re.sub(pattern, repl, name)
+            state[name] = tensor
+        save_weights(state, out, max_shard_size=max_shard_size)
+        config = dict(self.config)
+        config["dtype"] = str(self.dtype).replace("torch.", "")
+        config.pop("torch_dtype", None)
+        tmp = out / "config.json.tmp"
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, out / "config.json")
+
+    # ------------------------------------------------------------------------------------------ parts
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.model.embed_tokens.weight.device
+
+    def image_features(self, pixel_values: Tensor, **extra) -> ImageFeatures:
+        """Pixels -> features in LM embedding space. Families with a vision tower override."""
+        raise ProcessorError(f"{type(self).__name__} takes no images")
+
+    def encode_image(self, pixel_values: Tensor | dict, **extra) -> ImageFeatures:
+        """Image features ``[N_images, N_tokens, D]`` (+ spatial grid) in the LM embedding space.
+
+        Accepts ``pixel_values`` or a processor batch dict holding it.
+        """
+        if isinstance(pixel_values, dict):
+            extra = {k: v for k, v in pixel_values.items() if k not in ("input_ids", "attention_mask", "pixel_values")}
+            pixel_values = pixel_values["pixel_values"]
+        return self.image_features(pixel_values.to(self.dtype), **extra)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Final (normed) decoder hidden states ``[B, T, D]`` of a text-only input."""
+        inputs = self.prepare_inputs(input_ids, attention_mask)
+        hidden, _ = self.language_model.model(
+            inputs.embeds, inputs.positions, key_valid=inputs.key_valid, prefix_len=inputs.prefix_len
+        )
+        return hidden
+
+    def family_inputs(self, input_ids: Tensor, attention_mask: Tensor, **extra) -> dict:
+        """Extra decoder context of a family (e.g. ``prefix_len`` for prefix-LM). Default: none."""
+        return {}
+
+    # ------------------------------------------------------------------------------------------ forward
+    def prepare_inputs(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        image_features: ImageFeatures | None = None,
+        **extra,
+    ) -> ModelInputs:
+        """Embeddings with image features merged at the image-token positions, rope positions and masks."""
+        lm = self.language_model.model
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        is_image = input_ids == self.image_token_id if self.image_token_id is not None else None
+        ids = input_ids.masked_fill(is_image, 0) if is_image is not None else input_ids  # image id may be OOV
+        embeds = lm.embed(ids)
+        if pixel_values is not None and image_features is None:
+            image_features = self.encode_image(pixel_values, **extra)
+        n_slots = int(is_image.sum()) if is_image is not None else 0
+        if image_features is not None or n_slots:
+            feats = image_features.tokens if image_features is not None else None
+            n_feats = feats.shape[0] * feats.shape[1] if feats is not None else 0
+            if n_feats != n_slots:
+                raise ProcessorError(
+                    f"image features and image tokens do not match: {n_slots} image tokens in the prompt, "
+                    f"{n_feats} image features ({0 if feats is None else feats.shape[0]} images)"
+                )
+            embeds = embeds.masked_scatter(is_image[..., None], feats.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+        mask = attention_mask.bool()
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + self.position_offset
+        padded = not bool(mask.all())
+        return ModelInputs(
+            embeds=embeds,
+            positions=positions,
+            key_valid=mask if padded else None,
+            **self.family_inputs(input_ids, attention_mask, **extra),
+        )
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        labels: Tensor | None = None,
+        *,
+        output_hidden_states: bool = False,
+        **extra,
+    ) -> ModelOutput:
+        """Full forward (no cache): logits for every position and, with ``labels``, the mean next-token
+        cross-entropy over label positions that are not ``-100`` (labels are shifted inside, as in HF)."""
+        inputs = self.prepare_inputs(input_ids, attention_mask, pixel_values, **extra)
+        hidden, states = self.language_model.model(
+            inputs.embeds,
+            inputs.positions,
+            key_valid=inputs.key_valid,
+            prefix_len=inputs.prefix_len,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.language_model.logits(hidden)
+        loss = None
+        if labels is not None:
+            shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+            shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+            loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+        return ModelOutput(logits=logits, loss=loss, hidden_states=states)
+
+    # ------------------------------------------------------------------------------------------ generate
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """Generate new tokens; returns ``[B, N]`` ids of the new tokens only (rows that stopped early are
+        padded with the pad id). See :func:`torchvlm.generation.loop.generate` for the arguments."""
+        from ..generation.loop import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs).sequences
+
+    # ------------------------------------------------------------------------------------------ training helpers
+    def freeze(self, vision: bool = True, connector: bool = False, language: bool = True) -> "VLM":
+        """Set ``requires_grad=False`` on the chosen parts and ``True`` on the others."""
+        parts = {"vision_tower": vision, "multi_modal_projector": connector, "language_model": language}
+        for name, frozen in parts.items():
+            module = getattr(self, name, None)
+            if module is not None:
+                module.requires_grad_(not frozen)
+        return self
+
+    def unfreeze(self) -> "VLM":
+        """Make every parameter trainable."""
+        self.requires_grad_(True)
+        return self
+
+    def num_parameters(self, trainable: bool = False) -> int:
+        """Number of parameters (only trainable ones with ``trainable=True``); tied weights count once."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable)

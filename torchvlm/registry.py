@@ -1,0 +1,57 @@
+"""Which torchvlm class implements a checkpoint: HF ``model_type`` / ``architectures`` -> family (lazy import).
+
+Adding a family = one line in :data:`FAMILIES` (and, when HF uses another name for the same code, one line
+in :data:`ALIASES`). Nothing else in the library looks at model-name strings.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .errors import UnknownArchitectureError
+
+# model_type -> "module:Class" of the model implementation
+FAMILIES: dict[str, str] = {
+    "llava": "torchvlm.models.llava.model:LlavaModel",
+    "paligemma": "torchvlm.models.paligemma.model:PaliGemmaModel",
+    # plain decoders: text chat and LM backbones (one class, the decoder flags come from config.TEXT_FLAVOURS)
+    "llama": "torchvlm.models.text_lm:TextLM",
+    "mistral": "torchvlm.models.text_lm:TextLM",
+    "qwen2": "torchvlm.models.text_lm:TextLM",
+    "gemma": "torchvlm.models.text_lm:TextLM",
+    "gemma2": "torchvlm.models.text_lm:TextLM",
+}
+
+# HF architectures -> model_type, for configs whose model_type is missing or unusual
+ARCHITECTURES: dict[str, str] = {
+    "LlavaForConditionalGeneration": "llava",
+    "PaliGemmaForConditionalGeneration": "paligemma",
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
+}
+
+# other names for an implemented model_type
+ALIASES: dict[str, str] = {}
+
+
+def family_of(config: dict, where: str = "config.json") -> str:
+    """The canonical model_type implementing ``config`` (UnknownArchitectureError if none)."""
+    model_type = ALIASES.get(config.get("model_type"), config.get("model_type"))
+    if model_type in FAMILIES:
+        return model_type
+    for arch in config.get("architectures") or []:
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
+    named = config.get("model_type") or ", ".join(config.get("architectures") or []) or "<none given>"
+    raise UnknownArchitectureError(
+        f"{where}: architecture '{named}' is not supported; supported model_types: {', '.join(sorted(FAMILIES))}"
+    )
+
+
+def model_class(config: dict, where: str = "config.json") -> type:
+    """Import and return the model class for ``config``."""
+    module, _, name = FAMILIES[family_of(config, where)].partition(":")
+    return getattr(importlib.import_module(module), name)
