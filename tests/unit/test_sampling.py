@@ -97,10 +97,13 @@ def test_process_logits_dtype_works_in_float32(dtype):
 
 def test_ties_top_k_and_top_p():
     # many equal logits: top-k keeps every token tied with the k-th, top-p drops the same ones as HF
-    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0, 0.0, 2.0, 1.0], [0.0] * 8, [5.0, 5.0, 5.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    logits = torch.tensor(
+        [[2.0, 1.0, 1.0, 1.0, 0.0, 0.0, 2.0, 1.0], [0.0] * 8, [5.0, 5.0, 5.0, 1.0, 1.0, 1.0, 1.0, 1.0]]
+    )
     ids = torch.zeros(3, 1, dtype=torch.long)
     mask = torch.ones(3, 1, dtype=torch.long)
-    for k, p, m in [(3, 1.0, 0.0), (1, 1.0, 0.0), (0, 0.5, 0.0), (0, 0.7, 0.0), (2, 0.6, 0.0), (0, 1.0, 1.0), (4, 0.9, 0.5)]:
+    settings = [(3, 1.0, 0.0), (1, 1.0, 0.0), (0, 0.5, 0.0), (0, 0.7, 0.0), (2, 0.6, 0.0), (0, 1.0, 1.0), (4, 0.9, 0.5)]
+    for k, p, m in settings:
         params = SamplingParams(temperature=1.0, top_k=k, top_p=p, min_p=m)
         ref = hf_processors(params, mask)(ids, logits.clone())
         assert_same_scores(process_logits(logits, params, ids, mask), ref)
@@ -191,6 +194,21 @@ def test_sampler_on_other_device_than_declared():
     assert s(torch.randn(2, 10)).shape == (2,)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampler_cuda_reproducible_and_greedy_matches_cpu():
+    logits, ids, _, full_mask = make_batch(seed=2)
+    params = SamplingParams(temperature=0.8, top_k=10, top_p=0.9, repetition_penalty=1.2, seed=3)
+    a = Sampler(params, device="cpu")  # generator follows the logits to the GPU
+    b = Sampler(SamplingParams(temperature=0.8, top_k=10, top_p=0.9, repetition_penalty=1.2, seed=3), "cuda")
+    lc, ic, mc = logits.cuda(), ids.cuda(), full_mask.cuda()
+    ra = torch.stack([a(lc, ic, mc) for _ in range(5)])
+    rb = torch.stack([b(lc, ic, mc) for _ in range(5)])
+    assert ra.device.type == "cuda" and torch.equal(ra, rb)
+    torch.testing.assert_close(process_logits(lc, params, ic, mc).cpu(), process_logits(logits, params, ids, full_mask))
+    g = SamplingParams(repetition_penalty=1.2)
+    assert torch.equal(Sampler(g)(lc, ic, mc).cpu(), Sampler(g)(logits, ids, full_mask))
+
+
 @pytest.mark.parametrize(
     "field, value",
     [
@@ -235,7 +253,8 @@ def test_validation_errors_name_the_field(field, value):
 def test_validate_normalises():
     import numpy as np
 
-    p = SamplingParams(temperature=1, top_k=np.int64(3), top_p=np.float32(0.5), stop="END", stop_token_ids=7).validate()
+    p = SamplingParams(temperature=1, top_k=np.int64(3), top_p=np.float32(0.5), stop="END", stop_token_ids=7)
+    p.validate()
     assert isinstance(p.temperature, float) and p.temperature == 1.0
     assert type(p.top_k) is int and p.top_k == 3
     assert type(p.top_p) is float and math.isclose(p.top_p, 0.5)

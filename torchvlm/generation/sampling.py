@@ -120,7 +120,9 @@ class SamplingParams:
             )
         r = float(self.repetition_penalty)
         if not math.isfinite(r) or r <= 0:
-            raise GenerationError(f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty}")
+            raise GenerationError(
+                f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty}"
+            )
         self.repetition_penalty = r
 
         # seed
@@ -169,7 +171,9 @@ class SamplingParams:
 # Individual processing steps. All take and return float32 [B, V] tensors and never modify their input.
 
 
-def _apply_repetition_penalty(scores: Tensor, penalty: float, prev_ids: Tensor, prev_mask: Tensor | None) -> Tensor:
+def _apply_repetition_penalty(
+    scores: Tensor, penalty: float, prev_ids: Tensor, prev_mask: Tensor | None
+) -> Tensor:
     """CTRL-style penalty: a token seen before gets ``s / penalty`` if ``s > 0`` else ``s * penalty``.
 
     Each token is penalised once however often it occurred. Padding (``prev_mask == 0``) and ids outside
