@@ -186,3 +186,29 @@ def test_with_real_tokenizer_byte_fallback_and_stop_string():
         else:
             out.append(seq.update(tok.eos_token_id).text)
         assert "".join(out) == seq.text == expected
+
+
+def test_delta_feed_api_as_used_by_the_loop():
+    # one checker per row, text deltas in, (safe, hit) out; flush on EOS / length
+    c = StopChecker(["###"])
+    out = []
+    for d in ["Hello ", "#", "#", "# more"]:
+        safe, hit = c.feed(d)
+        out.append(safe)
+        if hit:
+            break
+    assert hit and "".join(out) == "Hello " and c.text == "Hello "
+    assert c.feed("x") == ("", True) and c.flush() == ""
+
+    c = StopChecker(["###"])
+    assert c.feed("ab#") == ("ab", False)
+    assert c.flush() == "#"  # EOS: held-back text released
+    assert c.flush() == "" and c.text == "ab#"
+
+    c = StopChecker(["</s>"])
+    assert c.feed("x</") == ("x", False)
+    safe, hit = c.feed("s")  # last decoder delta at max_new_tokens
+    assert (safe, hit) == ("", False)
+    assert c.flush() == "</s"
+    c = StopChecker()
+    assert c.feed("") == ("", False) and c.flush() == "" and c.text == ""

@@ -33,6 +33,12 @@ Example::
         send(seq.finish().text)                  # max_new_tokens reached: flush what was held back
     seq.text, seq.reason                         # final output text and why it ended
 
+Loops that decode incrementally can instead keep one checker per row and feed text deltas::
+
+    checker = StopChecker(stop_strings=["###"])          # stop ids checked by the loop on device
+    safe, hit = checker.feed(delta)                       # newly streamable text, stop string completed?
+    rest = checker.flush()                                # on EOS / stop id / max_new_tokens: held-back text
+
 ``seq.text`` is the final text; ``seq.reason`` is ``"eos"``, ``"stop_token"``, ``"stop_string"`` or
 ``"length"`` (from :meth:`SequenceStop.finish`). ``seq.matched`` is the token id or stop string that ended it.
 """
@@ -117,6 +123,8 @@ class StopChecker:
         self.stop_token_ids: frozenset[int] = frozenset(_as_int_tuple(stop_token_ids, "stop_token_ids"))
         self.eos_token_ids: frozenset[int] = frozenset(_as_int_tuple(eos_token_ids, "eos_token_ids"))
         self.hold_incomplete_utf8 = bool(hold_incomplete_utf8)
+        self._own: SequenceStop | None = None  # state for the feed()/flush() convenience API
+        self._own_text = ""
 
     @property
     def all_token_ids(self) -> tuple[int, ...]:
@@ -182,6 +190,40 @@ class StopChecker:
     def sequences(self, n: int) -> list["SequenceStop"]:
         """``n`` fresh per-sequence trackers (one per batch row)."""
         return [SequenceStop(self) for _ in range(n)]
+
+    # -- delta-based convenience: one StopChecker tracking one sequence's text ------------------------------
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Append a decoded text ``delta`` of this checker's own sequence; return ``(safe_text, hit)``.
+
+        For loops that keep one checker per row and decode incrementally (stop/EOS token ids checked by the
+        loop itself). ``safe_text`` is the newly streamable text; ``hit`` is True when a stop string completed
+        (the text is then cut before it and later calls return ``("", True)``). Use :meth:`flush` when the
+        sequence ends otherwise; :attr:`text` is the output so far.
+        """
+        if self._own is None:
+            self._own = SequenceStop(self)
+        if not isinstance(delta, str):
+            raise GenerationError(f"feed() takes a str text delta, got {type(delta).__name__}")
+        if self._own.finished:
+            return "", self._own.reason == "stop_string"
+        self._own_text += delta
+        upd = self._own.update(None, self._own_text)
+        return upd.text, upd.reason == "stop_string"
+
+    def flush(self, reason: str = "length") -> str:
+        """End this checker's own sequence (stop token, EOS or length) and return the held-back text.
+
+        Returns ``""`` if a stop string already ended it or it was flushed before.
+        """
+        if self._own is None:
+            self._own = SequenceStop(self)
+        return self._own.finish(reason).text
+
+    @property
+    def text(self) -> str:
+        """Output text of this checker's own sequence (:meth:`feed` API), cut before a stop string."""
+        return self._own.text if self._own is not None else ""
 
 
 class SequenceStop:
