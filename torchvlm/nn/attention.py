@@ -89,20 +89,21 @@ def build_mask(
         k_slots: ``[Tk]`` or ``[B, Tk]`` long.
         key_valid: ``[B, Tk]`` bool, False for padding / never-written cache slots.
         causal: key slot must be ``<=`` query slot. With ``False`` attention is bidirectional.
-        prefix_len: ``[B]`` long; keys with slot ``< prefix_len`` are visible to every query (prefix-LM:
-            bidirectional over the prefix, causal after it).
+        prefix_len: ``[B]`` long; queries and keys with slot ``< prefix_len`` form a block that attends
+            bidirectionally (prefix-LM), even past a sliding window; later queries stay causal.
         sliding_window: keys more than ``sliding_window - 1`` slots behind the query are hidden.
     """
     q = q_slots[:, :, None]  # [B, Tq, 1]
     k = k_slots[None, None, :] if k_slots.dim() == 1 else k_slots[:, None, :]  # [B|1, 1, Tk]
     if causal:
         allowed = k <= q
-        if prefix_len is not None:
-            allowed = allowed | (k < prefix_len[:, None, None])
     else:
         allowed = torch.ones(q.shape[0], q.shape[1], k.shape[-1], dtype=torch.bool, device=q.device)
     if sliding_window is not None:
         allowed = allowed & (q - k < sliding_window)
+    if prefix_len is not None:  # the prefix block sees itself whole, even beyond a sliding window
+        end = prefix_len[:, None, None]
+        allowed = allowed | ((k < end) & (q < end))
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, :]
     allowed = allowed.expand(q_slots.shape[0], -1, -1)
