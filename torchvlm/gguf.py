@@ -32,6 +32,7 @@ __all__ = [
     "GGUFSource",
     "gguf_config",
     "gguf_tokenizer",
+    "gguf_generation_config",
     "convert_gguf_to_hf",
     "smollm2_gguf_path",
     "is_gguf_file",
@@ -59,7 +60,6 @@ _GLOBAL_NAMES = {
 }
 # Tensors llama.cpp stores that have no HF parameter (handled through the config instead).
 _NON_PARAMETERS = {"rope_freqs.weight"}
-# Metadata-only tensors some converters emit and which carry nothing for the model.
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _GLOBAL_RE = re.compile(r"^([a-z_]+)\.(weight|bias)$")
 
@@ -138,11 +138,6 @@ def _reader(path: str | os.PathLike):
     return _open_reader(str(p.resolve()), st.st_mtime_ns, st.st_size)
 
 
-def _field_value(field) -> Any:
-    """Python value of a reader field (scalars, strings, arrays of either)."""
-    return field.contents()
-
-
 def _metadata(reader) -> dict[str, Any]:
     """All key/value metadata except the big tokenizer arrays (read those on demand)."""
     big = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"}
@@ -151,7 +146,7 @@ def _metadata(reader) -> dict[str, Any]:
         if key in big:
             continue
         try:
-            out[key] = _field_value(field)
+            out[key] = field.contents()
         except Exception:  # unknown/odd value types: skip rather than fail on metadata we do not use
             continue
     return out
@@ -315,7 +310,8 @@ def _llama3_rope_from_freqs(reader, meta: dict, arch: str, head_dim: int, theta:
     )
     if expect.shape != freqs.shape or not torch.allclose(expect.float(), freqs, rtol=1e-3, atol=1e-3):
         raise CheckpointError(
-            f"{path}: tensor 'rope_freqs.weight' does not match Llama-3 rope scaling; this rope variant is not supported"
+            f"{path}: tensor 'rope_freqs.weight' does not match Llama-3 rope scaling; "
+            "this rope variant is not supported"
         )
     return {
         "rope_type": "llama3",
@@ -564,7 +560,32 @@ def gguf_tokenizer(path: str | os.PathLike, pretokenizer: str = "llama.cpp"):
 # ------------------------------------------------------------------------------------------- conversion
 
 
-def convert_gguf_to_hf(path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> Path:
+def gguf_generation_config(path: str | os.PathLike) -> dict:
+    """HF ``generation_config.json`` dict: ``bos_token_id``, ``pad_token_id`` and ``eos_token_id``.
+
+    ``eos_token_id`` lists the file's end-of-sequence, end-of-turn and end-of-message ids (an int when
+    there is only one), so generation stops on any of them.
+    """
+    path = _check_path(path)
+    meta = _metadata(_reader(path))
+    gen: dict[str, Any] = {}
+    if meta.get("tokenizer.ggml.bos_token_id") is not None:
+        gen["bos_token_id"] = int(meta["tokenizer.ggml.bos_token_id"])
+    eos_ids: list[int] = []
+    for key in ("eos", "eot", "eom"):
+        v = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if v is not None and int(v) not in eos_ids:
+            eos_ids.append(int(v))
+    if eos_ids:
+        gen["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+    if meta.get("tokenizer.ggml.padding_token_id") is not None:
+        gen["pad_token_id"] = int(meta["tokenizer.ggml.padding_token_id"])
+    return gen
+
+
+def convert_gguf_to_hf(
+    path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloat16
+) -> Path:
     """Write a plain HF checkpoint directory from a GGUF file and return its path.
 
     Writes ``config.json``, ``model.safetensors`` (weights dequantised to ``dtype``), ``tokenizer.json``,
@@ -593,18 +614,6 @@ def convert_gguf_to_hf(path: str | os.PathLike, out_dir: str | os.PathLike, dtyp
         tok.save(str(out / "tokenizer.json"))
         (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
 
-    gen: dict[str, Any] = {}
-    meta = _metadata(_reader(path))
-    if "bos_token_id" in config:
-        gen["bos_token_id"] = config["bos_token_id"]
-    eos_ids = []
-    for key in ("eos", "eot", "eom"):
-        v = meta.get(f"tokenizer.ggml.{key}_token_id")
-        if v is not None and int(v) not in eos_ids:
-            eos_ids.append(int(v))
-    if eos_ids:
-        gen["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
-    if "pad_token_id" in config:
-        gen["pad_token_id"] = config["pad_token_id"]
+    gen = gguf_generation_config(path)
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return out

@@ -20,6 +20,7 @@ from torchvlm.gguf import (  # noqa: E402
     GGUFSource,
     convert_gguf_to_hf,
     gguf_config,
+    gguf_generation_config,
     gguf_tokenizer,
     is_gguf_file,
     smollm2_gguf_path,
@@ -80,7 +81,8 @@ def write_tiny_llama_gguf(path, arch: str = "llama", tied: bool = False, seed: i
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tokens = specials + symbols + merged
     tokens += [f"<pad{i}>" for i in range(vocab - len(tokens))]
-    types = [3] * len(specials) + [1] * (len(symbols) + len(merged)) + [5] * (vocab - len(specials) - len(symbols) - len(merged))
+    n_pad = vocab - len(specials) - len(symbols) - len(merged)
+    types = [3] * len(specials) + [1] * (len(symbols) + len(merged)) + [5] * n_pad
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("smollm")
     w.add_token_list(tokens)
@@ -91,7 +93,9 @@ def write_tiny_llama_gguf(path, arch: str = "llama", tied: bool = False, seed: i
     w.add_unk_token_id(0)
     w.add_pad_token_id(2)
     w.add_add_bos_token(False)
-    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    w.add_chat_template(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    )
 
     hf: dict[str, np.ndarray] = {}
 
@@ -110,10 +114,11 @@ def write_tiny_llama_gguf(path, arch: str = "llama", tied: bool = False, seed: i
     add("token_embd.weight", "model.embed_tokens.weight", rng.normal(size=(vocab, hidden)) * 0.1, Q8)
     for i in range(layers):
         p, b = f"model.layers.{i}.", f"blk.{i}."
+        kv, kv2 = rng.normal(size=(2, kv_heads * head_dim, hidden))
         add(b + "attn_norm.weight", p + "input_layernorm.weight", 1 + 0.1 * rng.normal(size=hidden), F32)
         add(b + "attn_q.weight", p + "self_attn.q_proj.weight", rng.normal(size=(hidden, hidden)) * 0.1, Q8, heads)
-        add(b + "attn_k.weight", p + "self_attn.k_proj.weight", rng.normal(size=(kv_heads * head_dim, hidden)) * 0.1, F16, kv_heads)
-        add(b + "attn_v.weight", p + "self_attn.v_proj.weight", rng.normal(size=(kv_heads * head_dim, hidden)) * 0.1, Q8)
+        add(b + "attn_k.weight", p + "self_attn.k_proj.weight", kv * 0.1, F16, kv_heads)
+        add(b + "attn_v.weight", p + "self_attn.v_proj.weight", kv2 * 0.1, Q8)
         add(b + "attn_output.weight", p + "self_attn.o_proj.weight", rng.normal(size=(hidden, hidden)) * 0.1, Q8)
         add(b + "ffn_norm.weight", p + "post_attention_layernorm.weight", 1 + 0.1 * rng.normal(size=hidden), F32)
         add(b + "ffn_gate.weight", p + "mlp.gate_proj.weight", rng.normal(size=(inter, hidden)) * 0.1, Q8)
@@ -236,10 +241,21 @@ def test_tiny_tokenizer_matches_hf(tiny):
     assert cfg["add_bos_token"] is False and "<|im_start|>" in cfg["chat_template"]
 
 
+def test_tokenizer_wraps_in_processing_tokenizer(tiny):
+    from torchvlm.processing.tokenizer import Tokenizer
+
+    tok, cfg = gguf_tokenizer(tiny)
+    wrapped = Tokenizer(tok, cfg, generation_config=gguf_generation_config(tiny))
+    assert wrapped.encode("<|im_start|>the") == [1, tok.token_to_id("t"), tok.token_to_id("he")]
+    assert wrapped.pad_token_id == 2 and 2 in wrapped.eos_token_ids
+    assert wrapped.chat_template == cfg["chat_template"]
+
+
 def test_tiny_convert_loads_in_hf(tiny, tmp_path):
     transformers = pytest.importorskip("transformers")
     out = convert_gguf_to_hf(tiny, tmp_path / "hf", dtype=torch.float32)
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    names = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+    for name in names:
         assert (out / name).is_file(), name
     ref = _hf_gguf_model(tiny)
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -275,7 +291,9 @@ def smol_hf_tokenizer():
 def test_smollm2_tokenizer_matches_hf(smol_hf_tokenizer, flavour):
     hf = smol_hf_tokenizer
     tok, cfg = gguf_tokenizer(SMOL, pretokenizer=flavour)
-    chat = hf.apply_chat_template([{"role": "user", "content": "Hi there 👋"}], tokenize=False, add_generation_prompt=True)
+    chat = hf.apply_chat_template(
+        [{"role": "user", "content": "Hi there 👋"}], tokenize=False, add_generation_prompt=True
+    )
     for text in [*TEXTS, chat]:
         ids = tok.encode(text).ids
         assert ids == hf(text).input_ids, text
