@@ -584,12 +584,18 @@ def gguf_generation_config(path: str | os.PathLike) -> dict:
 
 
 def convert_gguf_to_hf(
-    path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloat16
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    pretokenizer: str = "llama.cpp",
 ) -> Path:
     """Write a plain HF checkpoint directory from a GGUF file and return its path.
 
     Writes ``config.json``, ``model.safetensors`` (weights dequantised to ``dtype``), ``tokenizer.json``,
-    ``tokenizer_config.json`` and ``generation_config.json``. Tensors are dequantised one at a time.
+    ``tokenizer_config.json`` and ``generation_config.json``. Tensors are dequantised one at a time, so peak
+    memory is about one model copy in ``dtype``. ``pretokenizer`` is passed to :func:`gguf_tokenizer`.
+    A GGUF without tokenizer metadata gets no tokenizer files.
     """
     from safetensors.torch import save_file
 
@@ -605,7 +611,7 @@ def convert_gguf_to_hf(
 
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     try:
-        tok, tok_cfg = gguf_tokenizer(path)
+        tok, tok_cfg = gguf_tokenizer(path, pretokenizer=pretokenizer)
     except CheckpointError:
         if "tokenizer.ggml.model" in _reader(path).fields:
             raise
