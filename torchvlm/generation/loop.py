@@ -152,7 +152,7 @@ def stream_generate(
                     deltas[i] = stops[i].flush()
                 continue
             if tokenizer is not None:
-                text = decoders[i].push(int(nxt[i]))
+                text = decoders[i].put(int(nxt[i]))
                 safe, hit = stops[i].feed(text)
                 deltas[i] = safe
                 if hit:
