@@ -40,13 +40,13 @@ _FALLBACK_CHARS = "é日😀"
 # Llama / LLaVA-1.5 style template: "USER: <image>\n... ASSISTANT:" (BOS comes from the tokenizer).
 LLAMA_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }}\n"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}{{ '\\n' }}"
     "{% else %}{{ message['role'].upper() }}: "
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )

@@ -34,9 +34,9 @@ DEFAULT_CHAT_TEMPLATE = (
     "{{ message['role'] }}: "
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ image_token | default('<image>') }}\n"
+    "{% if part['type'] == 'image' %}{{ image_token | default('<image>') }}{{ '\\n' }}"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}\n"
+    "{% endfor %}{% endif %}{{ '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
