@@ -95,3 +95,36 @@ def test_default_template():
 def test_strftime_now_available():
     out = render_chat_template("{{ strftime_now('%Y') }}", CHATS[0])
     assert out.isdigit() and len(out) == 4
+
+
+def test_text_only_processor_matches_hf_tokenizer(toks, tmp_path):
+    """Processor.from_pretrained on a text LM dir -> plain Processor; messages like HF apply_chat_template."""
+    import json
+
+    import torch
+
+    from torchvlm.processing.processor import Processor
+
+    hf, _ = toks
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma" if hf.bos_token == "<bos>" else "llama"}))
+    proc = Processor.from_pretrained(tmp_path)
+    assert type(proc) is Processor and proc.image_processor is None
+    chats = [[{"role": "user", "content": "Hello there"}],
+             [{"role": "user", "content": "The capital of France is what city?"}]]
+    side, hf.padding_side = hf.padding_side, "left"
+    try:
+        want = hf.apply_chat_template(chats, tokenize=True, return_dict=True, add_generation_prompt=True,
+                                      padding=True, return_tensors="pt")
+    finally:
+        hf.padding_side = side
+    got = proc(messages=chats)
+    assert torch.equal(got["input_ids"], want["input_ids"])
+    assert torch.equal(got["attention_mask"], want["attention_mask"])
+    got = proc(text=["Hello world!", "hi"], padding_side="right")
+    want = hf(["Hello world!", "hi"], padding=True, padding_side="right", return_tensors="pt")
+    assert torch.equal(got["input_ids"], want["input_ids"])
+    assert torch.equal(got["attention_mask"], want["attention_mask"])
+    with pytest.raises(ProcessorError, match="takes no images"):
+        proc(text="hi", images=[np.zeros((4, 4, 3), dtype=np.uint8)])
+    assert proc.decode(got["input_ids"][1]) == hf.decode(want["input_ids"][1], skip_special_tokens=True)

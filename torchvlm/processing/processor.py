@@ -127,6 +127,10 @@ class Processor:
     default_chat_template: str | None = None
     #: placeholder string for one image in a prompt (None: the family takes no images)
     image_token: str | None = None
+    #: ``messages`` path, when ``add_special_tokens`` is not given: True -> add nothing (HF
+    #: ``tokenizer.apply_chat_template(tokenize=True)``, used for text-only LMs); False -> HF multimodal
+    #: processor rule (add special tokens unless the rendered prompt already starts with BOS)
+    chat_adds_no_special_tokens: bool = True
 
     def __init__(
         self,
@@ -250,7 +254,8 @@ class Processor:
             padding_side: ``"left"`` (default, for generation) or ``"right"``.
             add_generation_prompt: for ``messages``: end the prompt with the assistant turn opener.
             add_special_tokens: override whether the tokenizer adds BOS/EOS. Default: yes for ``text``;
-                for ``messages`` yes unless the rendered prompt already starts with the BOS token (HF rule).
+                for ``messages`` as HF does: text-only processors add nothing (the template owns BOS), image
+                processors add them unless the rendered prompt already starts with the BOS token.
             return_tensors: only ``"pt"`` is supported.
             **kwargs: family extras (PaliGemma: ``suffix``); chat-template variables when ``messages``
                 is given are passed via ``template_kwargs={...}``.
@@ -277,7 +282,9 @@ class Processor:
                 per_sample = self._split_images(images, len(chats))
             if add_special_tokens is None:
                 bos = self.tokenizer.bos_token
-                add_special_tokens = not (bos is not None and texts[0].startswith(bos))
+                add_special_tokens = not self.chat_adds_no_special_tokens and not (
+                    bos is not None and texts[0].startswith(bos)
+                )
         else:
             if isinstance(text, str):
                 texts = [text]

@@ -63,6 +63,7 @@ class LlavaProcessor(Processor):
     """
 
     processor_class = "LlavaProcessor"
+    chat_adds_no_special_tokens = False
 
     def __init__(self, tokenizer: Tokenizer, image_processor=None, **kwargs: Any):
         super().__init__(tokenizer, image_processor, **kwargs)

@@ -59,6 +59,7 @@ class PaliGemmaProcessor(Processor):
     """PaliGemma processor: SigLIP image processor + Gemma tokenizer, prefix/suffix layout."""
 
     processor_class = "PaliGemmaProcessor"
+    chat_adds_no_special_tokens = False
     default_chat_template = PALIGEMMA_CHAT_TEMPLATE
     image_token = IMAGE_TOKEN
 
