@@ -241,9 +241,8 @@ class ImageProcessor:
     def resize(self, image: Image.Image) -> Image.Image:
         """Resize an RGB PIL image to :meth:`resize_output_size` with the configured filter."""
         h, w = self.resize_output_size(image.height, image.width)
-        if (h, w) == (image.height, image.width) and self.resample in (0, 2, 3, 1, 4, 5):
-            # PIL returns a copy for a same-size resize with any filter; skip the work.
-            return image
+        if (h, w) == (image.height, image.width):
+            return image  # PIL's same-size resize is a plain copy
         return image.resize((w, h), resample=_RESAMPLE[self.resample])
 
     @staticmethod
