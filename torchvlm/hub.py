@@ -139,27 +139,36 @@ def resolve_model_path(
         raise ModelNotFoundError(f"cannot find model '{raw}': " + "; ".join(tried)) from None
 
 
-def read_config(model_dir: str | os.PathLike) -> dict:
-    """Read ``config.json`` of a model directory (or a path to the JSON file itself) as a dict.
+def read_json(path: str | os.PathLike) -> dict:
+    """Read a JSON-object file (config.json, tokenizer_config.json, ...).
 
     Raises :class:`ConfigError` naming the file when it is missing, unreadable, not valid JSON (with the
-    line/column of the error) or not a JSON object.
+    line/column of the error) or not a JSON object. Every JSON file of a checkpoint is read through here.
     """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
+    return data
+
+
+def read_config(model_dir: str | os.PathLike) -> dict:
+    """Read ``config.json`` of a model directory (or a path to the JSON file itself) as a dict
+    (errors as in :func:`read_json`)."""
     p = Path(model_dir).expanduser()
     path = p / "config.json" if p.is_dir() else p
     if not path.is_file():
         raise ConfigError(f"{path}: missing config.json (is '{p}' a model directory?)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read ({e})") from None
-    try:
-        cfg = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: expected a JSON object at the top level, got {type(cfg).__name__}")
-    return cfg
+    return read_json(path)
 
 
 _MISSING = object()

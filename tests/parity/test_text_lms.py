@@ -7,7 +7,6 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import torchvlm  # noqa: E402
 from torchvlm.models.base import VLM  # noqa: E402
 
 VOCAB = 256

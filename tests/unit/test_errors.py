@@ -137,3 +137,19 @@ def test_unreadable_image_in_the_api(tmp_path):
 def test_bad_sampling_argument(capsys, llava_dir):
     err = _cli_error(capsys, ["generate", "--model", str(llava_dir), "--prompt", "hi", "--temperature", "-1"])
     assert "temperature" in err
+
+
+def test_generate_argument_errors(llava_dir):
+    import torchvlm
+    from torchvlm.errors import GenerationError, ProcessorError
+
+    model, processor = torchvlm.load(llava_dir)
+    batch = processor(text="USER: <image> hi ASSISTANT:", images=[torch.zeros(3, 32, 32)])
+    with pytest.raises(ProcessorError, match="'max_tokens'"):  # a misspelt keyword is not silently ignored
+        model.generate(**batch, max_tokens=3)
+    limit = model.text_config.max_position_embeddings
+    with pytest.raises(GenerationError, match="context length"):
+        model.generate(**batch, max_new_tokens=limit)
+    with pytest.raises(ProcessorError, match="48x48"):  # pixels not made by the checkpoint's processor
+        model.generate(batch["input_ids"], batch["attention_mask"], pixel_values=torch.zeros(1, 3, 48, 48),
+                       max_new_tokens=2)

@@ -10,7 +10,7 @@ generations may run one after another (or interleaved) on the same model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +111,13 @@ def stream_generate(
     if pad_id is None:
         pad_id = model.text_config.pad_token_id if model.text_config.pad_token_id is not None else 0
     total = t + params.max_new_tokens
+    limit = model.text_config.max_position_embeddings
+    dynamic = (model.text_config.rope_scaling or {}).get("rope_type") == "dynamic"  # extends the context
+    if total > limit and not dynamic:
+        raise GenerationError(
+            f"prompt ({t} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} exceeds the model's "
+            f"context length ({limit} tokens); shorten the prompt or lower max_new_tokens"
+        )
     lm = model.language_model
 
     inputs = model.prepare_inputs(input_ids, attention_mask, **kwargs)

@@ -26,6 +26,21 @@ from ..text.decoder import CausalLM
 
 IGNORE_INDEX = -100
 
+#: Checkpoint layout of transformers' ``*ForConditionalGeneration`` VLMs -> torchvlm module names.
+#: Accepted: the hub / transformers-saved layout (``language_model.model.*``, ``language_model.lm_head``,
+#: ``vision_tower[.vision_model].*``, ``multi_modal_projector.*``) and the in-memory one
+#: (``model.language_model.*``, ``model.vision_tower.*``, ``model.multi_modal_projector.*``, ``lm_head``).
+HF_VLM_WEIGHT_MAP = WeightMap(
+    rename=(
+        (r"^model\.language_model\.", "language_model.model."),
+        (r"^model\.vision_tower\.", "vision_tower."),
+        (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+        (r"^lm_head\.", "language_model.lm_head."),
+        (r"^vision_tower\.vision_model\.", "vision_tower."),
+    ),
+    ignore=(r"position_ids$", r"rotary_emb\.inv_freq$"),
+)
+
 
 @dataclass
 class ModelInputs:
@@ -110,6 +125,10 @@ class VLM(nn.Module):
     position_offset: ClassVar[int] = 0
     #: token id marking image positions (None for text-only models); set per instance from the config
     image_token_id: int | None = None
+    #: image tokens per image, from the same function the family's processor uses (None: text-only)
+    num_image_tokens: int | None = None
+    #: model inputs a family accepts besides input_ids / attention_mask / pixel_values / image_features
+    extra_inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: dict, text_config: TextConfig):
         super().__init__()
@@ -200,6 +219,17 @@ class VLM(nn.Module):
         """Pixels -> features in LM embedding space. Families with a vision tower override."""
         raise ProcessorError(f"{type(self).__name__} takes no images")
 
+    def check_image_tokens(self, feats: ImageFeatures, pixel_values: Tensor) -> ImageFeatures:
+        """Fail clearly when the tower produced another number of tokens per image than the checkpoint's
+        processor inserts (e.g. pixels of the wrong size)."""
+        if self.num_image_tokens is not None and feats.tokens.shape[1] != self.num_image_tokens:
+            h, w = pixel_values.shape[-2:]
+            raise ProcessorError(
+                f"a {h}x{w} image gives {feats.tokens.shape[1]} image features but the checkpoint's processor "
+                f"inserts {self.num_image_tokens} image tokens per image; preprocess images with its Processor"
+            )
+        return feats
+
     def encode_image(self, pixel_values: Tensor | dict, **extra) -> ImageFeatures:
         """Image features ``[N_images, N_tokens, D]`` (+ spatial grid) in the LM embedding space.
 
@@ -232,6 +262,11 @@ class VLM(nn.Module):
         **extra,
     ) -> ModelInputs:
         """Embeddings with image features merged at the image-token positions, rope positions and masks."""
+        unknown = sorted(set(extra) - set(self.extra_inputs))
+        if unknown:
+            accepted = ", ".join(("pixel_values", "image_features") + self.extra_inputs)
+            raise ProcessorError(f"{type(self).__name__} got unexpected input(s) {', '.join(map(repr, unknown))} "
+                                 f"(model inputs: input_ids, attention_mask, {accepted})")
         lm = self.language_model.model
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from torchvlm.errors import ConfigError, ProcessorError
+from torchvlm.hub import read_json
 from torchvlm.processing.image import load_image
 
 __all__ = [
@@ -413,10 +414,10 @@ def read_image_processor_config(directory: str | os.PathLike) -> tuple[dict, str
     d = Path(directory)
     pre = d / "preprocessor_config.json"
     if pre.is_file():
-        return _read_json(pre), str(pre)
+        return read_json(pre), str(pre)
     proc = d / "processor_config.json"
     if proc.is_file():
-        data = _read_json(proc)
+        data = read_json(proc)
         ip = data.get("image_processor")
         if isinstance(ip, dict):
             return ip, f"{proc} (image_processor)"
@@ -424,19 +425,6 @@ def read_image_processor_config(directory: str | os.PathLike) -> tuple[dict, str
         f"{d}: no image processor config (expected preprocessor_config.json or an 'image_processor' "
         "entry in processor_config.json)"
     )
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return data
 
 
 def image_processor_from_dict(

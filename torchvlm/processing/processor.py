@@ -29,6 +29,7 @@ from torchvlm.errors import ConfigError, ProcessorError, UnknownArchitectureErro
 from torchvlm.processing.chat_template import render_chat_template
 from torchvlm.processing.image import load_image
 from torchvlm.processing.image_processors import ImageProcessor, load_image_processor
+from torchvlm.hub import read_json
 from torchvlm.processing.tokenizer import Tokenizer
 
 __all__ = [
@@ -63,23 +64,6 @@ def register_processor(name: str, target: str) -> None:
 def _resolve(target: str) -> type["Processor"]:
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
-
-
-def read_json(path: str | os.PathLike) -> dict:
-    """Read a JSON object file; ConfigError naming the file on any problem."""
-    p = Path(path)
-    try:
-        with open(p, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{p}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read ({e.strerror or e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a JSON object")
-    return data
 
 
 def processor_class_for(model_config: dict | None, processor_config: dict | None = None) -> type["Processor"]:
@@ -127,6 +111,8 @@ class Processor:
     default_chat_template: str | None = None
     #: placeholder string for one image in a prompt (None: the family takes no images)
     image_token: str | None = None
+    #: image processor type assumed when the checkpoint names none (None: the family takes no images)
+    default_image_processor_type: str | None = None
     #: ``messages`` path, when ``add_special_tokens`` is not given: True -> add nothing (HF
     #: ``tokenizer.apply_chat_template(tokenize=True)``, used for text-only LMs); False -> HF multimodal
     #: processor rule (add special tokens unless the rendered prompt already starts with BOS)
@@ -170,11 +156,15 @@ class Processor:
 
     @classmethod
     def _from_dir(cls, d: Path, *, model_config: dict, processor_config: dict, **kwargs: Any) -> "Processor":
-        """Build from directory contents (subclasses override to read their knobs)."""
+        """Build from directory contents: tokenizer, image processor (families that take images, see
+        :attr:`default_image_processor_type`) and the processor knobs of ``processor_config.json``."""
         tokenizer = Tokenizer.from_pretrained(d)
+        image_processor = None
+        if cls.default_image_processor_type is not None:
+            image_processor = cls._load_image_processor(d, default_type=cls.default_image_processor_type)
         knobs = {k: v for k, v in processor_config.items() if k != "image_processor"}
         template = knobs.pop("chat_template", None) or tokenizer.chat_template
-        return cls(tokenizer, None, chat_template=template, config=knobs, model_config=model_config, **kwargs)
+        return cls(tokenizer, image_processor, chat_template=template, config=knobs, model_config=model_config, **kwargs)
 
     @staticmethod
     def _load_image_processor(d: Path, default_type: str | None = None) -> ImageProcessor:

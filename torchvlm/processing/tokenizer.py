@@ -29,6 +29,7 @@ from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as _HFTokenizer
 
 from torchvlm.errors import ConfigError, ProcessorError
+from torchvlm.hub import read_json
 
 __all__ = ["Tokenizer", "StreamDecoder", "read_chat_template"]
 
@@ -46,16 +47,6 @@ def _token_str(v: Any) -> str | None:
     if isinstance(v, AddedToken):
         return v.content
     return None
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def _pick_template(value: Any, source: str) -> str | None:
@@ -86,7 +77,7 @@ def read_chat_template(directory: str | os.PathLike, config: dict | None = None)
         return jinja.read_text(encoding="utf-8")
     js = d / "chat_template.json"
     if js.is_file():
-        data = _read_json(js)
+        data = read_json(js)
         return _pick_template(data.get("chat_template") if isinstance(data, dict) else data, str(js))
     if config and config.get("chat_template") is not None:
         return _pick_template(config["chat_template"], str(d / "tokenizer_config.json"))
@@ -183,13 +174,13 @@ class Tokenizer:
         config: dict = {}
         tc = d / "tokenizer_config.json"
         if tc.is_file():
-            data = _read_json(tc)
+            data = read_json(tc)
             if not isinstance(data, dict):
                 raise ConfigError(f"{tc}: expected a JSON object")
             config = data
         stm = d / "special_tokens_map.json"
         if stm.is_file():
-            data = _read_json(stm)
+            data = read_json(stm)
             if isinstance(data, dict):
                 for k, v in data.items():
                     if config.get(k) is None:
@@ -197,7 +188,7 @@ class Tokenizer:
         gen: dict = {}
         gc = d / "generation_config.json"
         if gc.is_file():
-            data = _read_json(gc)
+            data = read_json(gc)
             if isinstance(data, dict):
                 gen = data
         # transformers 5 ignores these two flags when tokenizer.json exists: its post-processor rules

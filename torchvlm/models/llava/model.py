@@ -14,6 +14,7 @@ from ...hub import require
 from ...vision.vit import VisionTransformer, select_features
 from ..base import VLM, ImageFeatures
 from ..text_lm import tie_aware
+from .processor import llava_num_image_tokens
 from .weights import SAVE_RENAME, WEIGHT_MAP
 
 
@@ -32,6 +33,7 @@ class LlavaModel(VLM):
         model = cls(config, text)
         model.vision_config = vision
         model.image_token_id = int(config.get("image_token_index", config.get("image_token_id", 32000)))
+        model.num_image_tokens = llava_num_image_tokens(config)
         model.feature_layer = config.get("vision_feature_layer", -2)
         model.feature_strategy = config.get("vision_feature_select_strategy", "default")
         model.vision_tower = VisionTransformer(vision)
@@ -50,4 +52,5 @@ class LlavaModel(VLM):
         out = self.vision_tower(pixel_values, output_hidden_states=True)
         tokens = self.multi_modal_projector(select_features(out, self.feature_layer, self.feature_strategy))
         side = self.vision_config.image_size // self.vision_config.patch_size
-        return ImageFeatures(tokens=tokens, grid=(side, side) if tokens.shape[1] == side * side else None)
+        feats = ImageFeatures(tokens=tokens, grid=(side, side) if tokens.shape[1] == side * side else None)
+        return self.check_image_tokens(feats, pixel_values)

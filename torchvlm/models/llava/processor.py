@@ -8,7 +8,6 @@ image size (the CLIP center crop). :func:`llava_num_image_tokens` computes the s
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,6 +61,8 @@ class LlavaProcessor(Processor):
     ``vision_feature_select_strategy``, ``num_additional_image_tokens``, ``image_token``.
     """
 
+    default_image_processor_type = "CLIPImageProcessor"
+
     processor_class = "LlavaProcessor"
     chat_adds_no_special_tokens = False
 
@@ -94,14 +95,6 @@ class LlavaProcessor(Processor):
             vision_feature_select_strategy=self.vision_feature_select_strategy,
             num_additional_image_tokens=self.num_additional_image_tokens,
         )
-
-    @classmethod
-    def _from_dir(cls, d: Path, *, model_config: dict, processor_config: dict, **kwargs: Any) -> "LlavaProcessor":
-        tokenizer = Tokenizer.from_pretrained(d)
-        image_processor = cls._load_image_processor(d, default_type="CLIPImageProcessor")
-        knobs = {k: v for k, v in processor_config.items() if k != "image_processor"}
-        template = knobs.pop("chat_template", None) or tokenizer.chat_template
-        return cls(tokenizer, image_processor, chat_template=template, config=knobs, model_config=model_config, **kwargs)
 
     def num_image_tokens(self, height: int, width: int) -> int:
         """Image tokens for one processed image of ``height`` x ``width`` pixels."""

@@ -15,6 +15,7 @@ from ...hub import require
 from ...vision.vit import VisionTransformer
 from ..base import VLM, ImageFeatures
 from ..text_lm import tie_aware
+from .processor import paligemma_num_image_tokens
 from .weights import SAVE_RENAME, WEIGHT_MAP
 
 
@@ -24,6 +25,7 @@ class PaliGemmaModel(VLM):
     weight_map = WEIGHT_MAP
     save_rename = SAVE_RENAME
     position_offset = 1
+    extra_inputs = ("token_type_ids",)
 
     @classmethod
     def from_config(cls, config: dict, where: str = "config.json") -> "PaliGemmaModel":
@@ -36,6 +38,7 @@ class PaliGemmaModel(VLM):
         model = cls(config, text)
         model.vision_config = vision
         model.image_token_id = int(config.get("image_token_index", config.get("image_token_id", 256000)))
+        model.num_image_tokens = paligemma_num_image_tokens(config)
         model.vision_tower = VisionTransformer(vision)
         proj_dim = config.get("vision_config", {}).get("projection_dim") or config.get("projection_dim") or text.hidden_size
         model.multi_modal_projector = build_connector("linear", vision.hidden_size, int(proj_dim))
@@ -45,7 +48,8 @@ class PaliGemmaModel(VLM):
     def image_features(self, pixel_values: Tensor, **extra) -> ImageFeatures:
         tokens = self.multi_modal_projector(self.vision_tower(pixel_values).last_hidden_state)
         side = self.vision_config.image_size // self.vision_config.patch_size
-        return ImageFeatures(tokens=tokens, grid=(side, side) if tokens.shape[1] == side * side else None)
+        feats = ImageFeatures(tokens=tokens, grid=(side, side) if tokens.shape[1] == side * side else None)
+        return self.check_image_tokens(feats, pixel_values)
 
     def family_inputs(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None, **_) -> dict:
         """The prefix (image + prompt, ``token_type_ids == 0``) is bidirectional; without token_type_ids

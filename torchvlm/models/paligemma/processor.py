@@ -12,7 +12,6 @@ one. The tokenizer's own BOS/EOS insertion is switched off (HF sets ``add_bos_to
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,6 +57,8 @@ def paligemma_num_image_tokens(config: dict) -> int:
 class PaliGemmaProcessor(Processor):
     """PaliGemma processor: SigLIP image processor + Gemma tokenizer, prefix/suffix layout."""
 
+    default_image_processor_type = "SiglipImageProcessor"
+
     processor_class = "PaliGemmaProcessor"
     chat_adds_no_special_tokens = False
     default_chat_template = PALIGEMMA_CHAT_TEMPLATE
@@ -84,14 +85,6 @@ class PaliGemmaProcessor(Processor):
             raise ConfigError("tokenizer_config.json: PaliGemma needs both bos_token and eos_token")
         # BOS goes into the text explicitly; the tokenizer must add nothing (HF sets add_bos_token=False)
         tokenizer.set_special_tokens_policy(add_bos=False, add_eos=False)
-
-    @classmethod
-    def _from_dir(cls, d: Path, *, model_config: dict, processor_config: dict, **kwargs: Any) -> "PaliGemmaProcessor":
-        tokenizer = Tokenizer.from_pretrained(d)
-        image_processor = cls._load_image_processor(d, default_type="SiglipImageProcessor")
-        knobs = {k: v for k, v in processor_config.items() if k != "image_processor"}
-        template = knobs.pop("chat_template", None) or tokenizer.chat_template
-        return cls(tokenizer, image_processor, chat_template=template, config=knobs, model_config=model_config, **kwargs)
 
     def apply_chat_template(self, messages: Any, add_generation_prompt: bool = True, **kwargs: Any) -> str:
         """Render with the checkpoint template, else :data:`PALIGEMMA_CHAT_TEMPLATE`."""
