@@ -10,6 +10,7 @@ import torch
 
 from .generation.loop import GenerationOutput
 from .generation.loop import generate as _generate
+from .errors import ProcessorError
 from .generation.loop import stream_generate as _stream_generate
 from .hub import resolve_model_path
 from .models.base import VLM
@@ -59,9 +60,19 @@ def build_messages(prompt: str, images: Sequence[Any] = (), system: str | None =
 
 
 def _batch(processor: Processor, prompt: str | list[dict], images: Sequence[Any] | None, chat: bool) -> dict:
-    if isinstance(prompt, list):  # a chat already
+    """One prompt -> a batch of one. A string is a user message (rendered with the checkpoint's chat template,
+    or the processor's default one) unless ``chat=False``; a list is a whole chat that carries its own images."""
+    if isinstance(prompt, list):
+        if images:
+            raise ProcessorError("give images inside the chat messages ({'type': 'image', ...} parts) "
+                                 "or pass a string prompt with images=, not both")
+        if prompt and isinstance(prompt[0], list):
+            raise ProcessorError("torchvlm.generate answers one chat; for a batch use processor(messages=[...]) "
+                                 "and model.generate / torchvlm.generation.loop.generate")
         return processor(messages=prompt)
-    if chat and (processor.chat_template or processor.default_chat_template):
+    if not isinstance(prompt, str):
+        raise ProcessorError(f"prompt must be a string or a chat (list of messages), got {type(prompt).__name__}")
+    if chat:
         return processor(messages=build_messages(prompt, images or ()))
     return processor(text=prompt, images=list(images) if images else None)
 

@@ -110,13 +110,18 @@ def stream_generate(
     eos = _eos_ids(model, tokenizer, ignore_eos) | set(params.stop_token_ids)
     if pad_id is None:
         pad_id = model.text_config.pad_token_id if model.text_config.pad_token_id is not None else 0
+    if not bool(attention_mask[:, -1].all()):
+        raise GenerationError("the prompt batch is right-padded; generation needs left padding "
+                              "(processor(..., padding_side='left'), the default)")
     total = t + params.max_new_tokens
+    longest = int(attention_mask.sum(-1).max())  # real tokens; left padding takes cache slots, not positions
     limit = model.text_config.max_position_embeddings
     dynamic = (model.text_config.rope_scaling or {}).get("rope_type") == "dynamic"  # extends the context
-    if total > limit and not dynamic:
+    if longest + params.max_new_tokens > limit and not dynamic:
         raise GenerationError(
-            f"prompt ({t} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} exceeds the model's "
-            f"context length ({limit} tokens); shorten the prompt or lower max_new_tokens"
+            f"prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) = "
+            f"{longest + params.max_new_tokens} exceeds the model's context length ({limit} tokens); "
+            "shorten the prompt or lower max_new_tokens"
         )
     lm = model.language_model
 

@@ -88,26 +88,39 @@ class ImageFeatures:
         return self.tokens.reshape(self.tokens.shape[0], *self.grid, self.tokens.shape[-1])
 
 
-def _dtype_from_config(config: dict) -> torch.dtype:
+DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+    "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+
+def _dtype_from_config(config: dict, device: torch.device) -> torch.dtype:
+    """The checkpoint's dtype (float32 when it names none); float16 becomes bfloat16 on CPU, where it is slow
+    and overflow-prone."""
     name = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    dtype = table.get(str(name).replace("torch.", ""), torch.float32)
-    return torch.bfloat16 if dtype == torch.float16 else dtype  # fp16 on CPU is slow and overflow-prone
+    dtype = DTYPES.get(str(name).replace("torch.", ""), torch.float32)
+    return torch.bfloat16 if dtype == torch.float16 and device.type == "cpu" else dtype
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """Accept ``torch.bfloat16`` or the strings ``bf16``/``bfloat16``/``fp16``/``float16``/``fp32``/``float32``/``auto``."""
+    """Accept a ``torch.dtype`` or one of the strings in :data:`DTYPES`; ``None`` / ``"auto"`` -> None."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    table = {
-        "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-        "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    }
     if dtype == "auto":
         return None
-    if dtype not in table:
-        raise ConfigError(f"dtype '{dtype}' is not supported (use one of: auto, {', '.join(table)})")
-    return table[dtype]
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype '{dtype}' is not supported (use one of: auto, {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device '{name}' is not a valid torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' is not available: this PyTorch build has no CUDA or no GPU is visible")
+    return device
 
 
 class VLM(nn.Module):
@@ -137,6 +150,8 @@ class VLM(nn.Module):
         self.language_model = CausalLM(text_config)
         self.vision_tower: nn.Module | None = None
         self.multi_modal_projector: nn.Module | None = None
+        #: generation_config.json of the checkpoint (extra EOS ids, ...); set by from_pretrained
+        self.generation_config: dict = {}
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -157,26 +172,33 @@ class VLM(nn.Module):
         ``device`` (default: the checkpoint's dtype; float16 becomes bfloat16 on CPU).
         """
         from .. import registry
-        from ..hub import read_config, resolve_model_path
+        from ..hub import read_config, read_json, resolve_model_path
         from ..loading import SafetensorsSource, load_weights
 
         if quantize is not None:
             raise ConfigError(f"quantize='{quantize}' is not available yet (weight-only int8/int4 is planned)")
         path = resolve_model_path(model_id, revision=revision, local_files_only=local_files_only)
         if path.is_file() and path.suffix == ".gguf":
-            from ..gguf import GGUFSource, gguf_config
+            from ..gguf import GGUFSource, gguf_config, gguf_generation_config
 
-            config, source, where = gguf_config(path), GGUFSource(path), path.name
+            config, where = gguf_config(path), path.name
+            generation_config = gguf_generation_config(path)
+            source = GGUFSource(path)
         else:
-            config, source, where = read_config(path), SafetensorsSource(path), str(path / "config.json")
+            config, where = read_config(path), str(path / "config.json")
+            gen_file = path / "generation_config.json"
+            generation_config = read_json(gen_file) if gen_file.is_file() else {}
+            source = SafetensorsSource(path)
         impl = registry.model_class(config, where)
         if cls is not VLM and not issubclass(impl, cls):
             raise ConfigError(f"{where}: checkpoint is a '{impl.__name__}', not a '{cls.__name__}'")
-        dtype = parse_dtype(dtype) or _dtype_from_config(config)
+        device = torch.device(device) if isinstance(device, torch.device) else _device(device)
+        dtype = parse_dtype(dtype) or _dtype_from_config(config, device)
         with torch.device("meta"):
             model = impl.from_config(config, where=where)
         load_weights(model, source, model.weight_map, dtype=dtype, device=device)
         model.name_or_path = str(path)
+        model.generation_config = generation_config
         return model.eval()
 
     @classmethod

@@ -42,16 +42,16 @@ def attention(
         ``[B, Hq, Tq, Dv]``.
     """
     hq, hkv = q.shape[1], k.shape[1]
-    if hq != hkv:
-        if hq % hkv:
-            raise ValueError(f"attention: {hq} query heads is not a multiple of {hkv} key/value heads")
-        rep = hq // hkv
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    if softcap is None:
+    if hq % hkv:
+        raise ValueError(f"attention: {hq} query heads is not a multiple of {hkv} key/value heads")
+    if softcap is None:  # SDPA handles GQA itself, without materialising repeated K/V
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, scale=scale, dropout_p=dropout_p
+            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, scale=scale, dropout_p=dropout_p,
+            enable_gqa=hq != hkv,
         )
+    if hq != hkv:
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
     # Soft-capped logits: SDPA has no hook for a non-linearity between QK^T and softmax.
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale

@@ -42,10 +42,10 @@ def inv_freq(
     """Inverse frequencies ``[dim // 2]`` (float32) for the given scaling rule."""
     kind = (scaling or {}).get("rope_type", "default")
     if kind == "dynamic":
-        factor = float(scaling["factor"])
-        original = int(scaling.get("original_max_position_embeddings") or max_position_embeddings or 0)
-        if seq_len is not None and original and seq_len > original:
-            theta = theta * ((factor * seq_len / original) - (factor - 1)) ** (dim / (dim - 2))
+        # NTK-aware: stretch the base once the sequence outgrows max_position_embeddings (as HF does)
+        factor, limit = float(scaling["factor"]), int(max_position_embeddings or 0)
+        if seq_len is not None and limit and seq_len > limit:
+            theta = theta * ((factor * seq_len / limit) - (factor - 1)) ** (dim / (dim - 2))
     base = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
     if kind == "linear":
         base = base / float(scaling["factor"])

@@ -101,6 +101,7 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset)
         self.windows = sorted({cfg.layer_window(i) for i in range(cfg.num_hidden_layers)}, key=lambda w: w or 0)
+        self.dynamic_rope = (cfg.rope_scaling or {}).get("rope_type") == "dynamic"
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """Token embeddings, scaled by ``sqrt(hidden_size)`` (rounded to the weight dtype) where configured."""
@@ -127,7 +128,8 @@ class TextModel(nn.Module):
             cfg.head_dim,
             cfg.rope_theta,
             cfg.rope_scaling,
-            seq_len=int(positions.max()) + 1 if cfg.rope_scaling else None,
+            # only dynamic NTK depends on the length (and costs a host sync); the others are static
+            seq_len=int(positions.max()) + 1 if self.dynamic_rope else None,
             max_position_embeddings=cfg.max_position_embeddings,
             device=positions.device,
         )
