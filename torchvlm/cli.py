@@ -53,6 +53,7 @@ def _load(ns: argparse.Namespace):
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
+    """``torchvlm generate``: answer one prompt (with optional images) and print the answer."""
     from .api import build_messages, generate, stream_generate
 
     model, processor = _load(ns)
@@ -175,6 +176,7 @@ def cmd_info(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``torchvlm`` command."""
     from . import __version__
 
     p = argparse.ArgumentParser(prog="torchvlm", description="Pure-PyTorch vision-language models.")

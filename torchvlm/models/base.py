@@ -231,10 +231,12 @@ class VLM(nn.Module):
     # ------------------------------------------------------------------------------------------ parts
     @property
     def dtype(self) -> torch.dtype:
+        """Dtype of the model's weights (of its token embeddings)."""
         return self.language_model.model.embed_tokens.weight.dtype
 
     @property
     def device(self) -> torch.device:
+        """Device of the model's weights (of its token embeddings)."""
         return self.language_model.model.embed_tokens.weight.device
 
     def image_features(self, pixel_values: Tensor, **extra) -> ImageFeatures:

@@ -40,6 +40,8 @@ class StepContext:
 
 
 class Attention(nn.Module):
+    """Self-attention with rotary positions, GQA, optional soft-capping and sliding window (per layer)."""
+
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -67,6 +69,8 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm residual block: attention then gated MLP (Gemma 2: with norms after each as well)."""
+
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
         norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset)  # noqa: E731
@@ -200,6 +204,7 @@ class CausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def logits(self, hidden: Tensor) -> Tensor:
+        """Vocabulary logits of hidden states (final soft-cap applied where configured)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(hidden, weight)
         cap = self.cfg.final_logit_softcap
