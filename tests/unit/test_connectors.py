@@ -18,6 +18,16 @@ VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=
               num_attention_heads=4, image_size=32, patch_size=8)
 
 
+def _perturb(model, std: float = 0.1, seed: int = 0):
+    """Add noise to every parameter: a fresh HF model has identity LayerNorms and zero biases, so swapped
+    norms or a dropped bias would otherwise go unnoticed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
 def _load(module, hf_module):
     module.load_state_dict(hf_module.state_dict(), strict=True)
     return module
@@ -50,7 +60,7 @@ def test_llava_projector_parity(bias, act, layers):
     cfg = transformers.LlavaConfig(vision_config=VISION, text_config=TEXT, image_token_index=127,
                                    projector_hidden_act=act, multimodal_projector_bias=bias,
                                    vision_feature_layer=layers)
-    hf = transformers.LlavaForConditionalGeneration(cfg).eval()
+    hf = _perturb(transformers.LlavaForConditionalGeneration(cfg)).eval()
     n = 1 if isinstance(layers, int) else len(layers)
     proj = _load(build_connector("mlp2x_gelu", 32 * n, 48, act=act, bias=bias), hf.model.multi_modal_projector)
     x = torch.randn(2, 16, 32 * n)
@@ -76,7 +86,7 @@ def test_paligemma_projector_parity():
                 num_attention_heads=4, num_key_value_heads=1, head_dim=12, vocab_size=128)
     cfg = transformers.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=127,
                                        projection_dim=48)
-    hf = transformers.PaliGemmaForConditionalGeneration(cfg).eval()
+    hf = _perturb(transformers.PaliGemmaForConditionalGeneration(cfg)).eval()
     proj = _load(build_connector("linear", 32, 48), hf.model.multi_modal_projector)
     x = torch.randn(2, 16, 32)
     with torch.no_grad():

@@ -15,6 +15,16 @@ transformers = pytest.importorskip("transformers")
 ATOL = 1e-5
 
 
+def _perturb(model, std: float = 0.1, seed: int = 0):
+    """Add noise to every parameter: a fresh HF model has identity LayerNorms and zero biases, so a swapped
+    ``layer_norm1``/``layer_norm2`` or a dropped bias would otherwise go unnoticed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
 def _hf(kind: str, **overrides):
     base = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 image_size=32, patch_size=8)
@@ -26,7 +36,7 @@ def _hf(kind: str, **overrides):
     else:
         cfg = transformers.SiglipVisionConfig(**base)
         model = transformers.SiglipVisionModel(cfg)
-    return model.eval()
+    return _perturb(model).eval()
 
 
 def _ours(hf_model) -> VisionTransformer:
