@@ -30,13 +30,17 @@ class StepContext:
         masks: ``{window: (mask, is_causal)}`` with window ``None`` for full attention. The mask is ``None``
             where SDPA's own causal flag (an unpadded prefill from slot 0) or no mask at all (a single query
             that may see every key) is exact.
-        start: first cache slot written by this step.
+        start: first cache slot written by this step (all rows alike).
+        slots: ``[B]`` per-row cache slot of a one-token step (continuous batching), or None.
+        kv_len: with ``slots``: how many cache slots the step attends over.
     """
 
     cos: Tensor
     sin: Tensor
     masks: dict
     start: int
+    slots: Tensor | None = None
+    kv_len: int | None = None
 
 
 class Attention(nn.Module):
@@ -62,7 +66,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, ctx.start, k, v)
+            k, v = cache.update(self.layer_idx, ctx.start, k, v, slots=ctx.slots, kv_len=ctx.kv_len)
         mask, is_causal = ctx.masks[self.window]
         out = attention(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale, softcap=self.softcap)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
@@ -120,6 +124,8 @@ class TextModel(nn.Module):
         *,
         dtype: torch.dtype,
         start: int = 0,
+        slots: Tensor | None = None,
+        kv_len: int | None = None,
         key_valid: Tensor | None = None,
         prefix_len: Tensor | None = None,
         causal: bool = True,
@@ -127,7 +133,7 @@ class TextModel(nn.Module):
         """Build the attention context of one step (rope tables and masks) from explicit inputs."""
         cfg = self.cfg
         b, t = positions.shape
-        end = start + t
+        end = start + t if slots is None else kv_len
         freqs = inv_freq(
             cfg.head_dim,
             cfg.rope_theta,
@@ -138,19 +144,22 @@ class TextModel(nn.Module):
             device=positions.device,
         )
         cos, sin = rope_cos_sin(positions, freqs, dtype)
-        plain = key_valid is None and prefix_len is None and causal
+        plain = key_valid is None and prefix_len is None and causal and slots is None
         masks: dict = {}
         for w in self.windows:
             if plain and (w is None or end <= w) and (t == 1 or start == 0):
                 masks[w] = (None, t > 1)
             else:
-                q_slots = torch.arange(start, end, device=positions.device).expand(b, t)
+                if slots is None:
+                    q_slots = torch.arange(start, end, device=positions.device).expand(b, t)
+                else:
+                    q_slots = slots[:, None]
                 k_slots = torch.arange(end, device=positions.device)
                 mask = build_mask(
                     q_slots, k_slots, key_valid=key_valid, causal=causal, prefix_len=prefix_len, sliding_window=w
                 )
                 masks[w] = (mask, False)
-        return StepContext(cos=cos, sin=sin, masks=masks, start=start)
+        return StepContext(cos=cos, sin=sin, masks=masks, start=start, slots=slots, kv_len=kv_len)
 
     def forward(
         self,
@@ -159,6 +168,8 @@ class TextModel(nn.Module):
         *,
         cache: KVCache | None = None,
         start: int = 0,
+        slots: Tensor | None = None,
+        kv_len: int | None = None,
         key_valid: Tensor | None = None,
         prefix_len: Tensor | None = None,
         causal: bool = True,
@@ -171,7 +182,11 @@ class TextModel(nn.Module):
             positions: rope positions ``[B, T]``.
             cache: KV cache to write slots ``start .. start+T`` into (and to attend over), or None.
             start: first slot of this step in the cache (0 without a cache).
-            key_valid: ``[B, start+T]`` bool, False for padding slots.
+            slots: instead of ``start``, for a one-token step: ``[B]`` cache slot of each row (rows at
+                different lengths, as in continuous batching); keys are the first ``kv_len`` slots and
+                ``key_valid`` must say which of them each row may see.
+            kv_len: number of cache slots attended over with ``slots``.
+            key_valid: ``[B, start+T]`` (or ``[B, kv_len]``) bool, False for padding / unused slots.
             prefix_len: ``[B]`` end slot of a bidirectional prefix (prefix-LM), or None.
             causal: False for fully bidirectional attention.
             output_hidden_states: also return the input of every layer and the final normed output.
@@ -179,8 +194,11 @@ class TextModel(nn.Module):
         Returns:
             (final hidden states after the norm ``[B, T, D]``, tuple of hidden states or None)
         """
+        if slots is not None and (cache is None or kv_len is None or inputs_embeds.shape[1] != 1):
+            raise ValueError("per-row slots need a cache, kv_len and a one-token step")
         ctx = self.context(
-            positions, dtype=inputs_embeds.dtype, start=start, key_valid=key_valid, prefix_len=prefix_len, causal=causal
+            positions, dtype=inputs_embeds.dtype, start=start, slots=slots, kv_len=kv_len, key_valid=key_valid,
+            prefix_len=prefix_len, causal=causal,
         )
         h = inputs_embeds
         states = [] if output_hidden_states else None

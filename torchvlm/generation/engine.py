@@ -1,0 +1,273 @@
+"""Continuous batching: requests join and leave between decode steps of one shared static KV cache.
+
+    engine = Engine(model, tokenizer, max_batch_size=8)
+    rid = engine.add_request(input_ids, params=SamplingParams(max_new_tokens=64), pixel_values=...)
+    while engine.has_work():
+        for update in engine.step():          # one decode step for every running request
+            print(update.request_id, update.text_delta, update.finished)
+
+Each request owns one row of the cache. Running requests always occupy rows ``0 .. n-1`` (a finished one
+is replaced by the last row, whose keys/values are copied over), so a decode step works on a contiguous view
+of ``n`` rows: one forward with per-row cache slots and rope positions, then each request samples with its
+own settings and seed. A new request is prefilled alone into its row, then decodes with the others.
+
+Image features are cached by the content hash of the request's pixels, so the same image sent again skips
+the vision tower. Everything the engine holds is explicit state of the engine object, never of the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import GenerationError
+from .loop import _eos_ids
+from .sampling import Sampler, SamplingParams
+from .stopping import StopChecker
+
+
+@dataclass
+class RequestOutput:
+    """What one :meth:`Engine.step` produced for one request."""
+
+    request_id: str
+    token_id: int | None
+    text_delta: str = ""
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+
+
+@dataclass
+class _Request:
+    id: str
+    input_ids: Tensor  # [T]
+    params: SamplingParams
+    model_inputs: dict
+    ignore_eos: bool
+    sampler: Sampler
+    eos: set[int]
+    stop: StopChecker | None = None
+    decoder: Any = None
+    generated: list[int] = field(default_factory=list)
+    length: int = 0  # tokens in the cache
+    position: int = 0  # rope position of the next token
+    last: int | None = None  # sampled token not yet fed to the model
+
+
+class ImageFeatureCache:
+    """LRU map: hash of (pixel bytes, shape, dtype) -> image features."""
+
+    def __init__(self, capacity: int = 32):
+        self.capacity = capacity
+        self._items: OrderedDict[str, Any] = OrderedDict()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(pixel_values: Tensor) -> str:
+        t = pixel_values.detach().contiguous().cpu()
+        h = hashlib.sha256(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+    def get_or_compute(self, model, pixel_values: Tensor, **extra):
+        if self.capacity <= 0:
+            return model.encode_image(pixel_values, **extra)
+        key = self.key(pixel_values)
+        if key in self._items:
+            self.hits += 1
+            self._items.move_to_end(key)
+            return self._items[key]
+        self.misses += 1
+        feats = model.encode_image(pixel_values, **extra)
+        self._items[key] = feats
+        if len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+        return feats
+
+
+class Engine:
+    """A continuous-batching generation engine over one model (see the module docstring).
+
+    Args:
+        model: a :class:`~torchvlm.models.base.VLM`.
+        tokenizer: for text deltas and stop strings (optional).
+        max_batch_size: rows of the shared KV cache (requests decoded together).
+        max_len: cache length per row (prompt + new tokens); default: the model's context length, capped
+            at 4096 to bound memory.
+        image_cache_size: image feature cache entries (0 disables it).
+    """
+
+    def __init__(self, model, tokenizer=None, *, max_batch_size: int = 8, max_len: int | None = None,
+                 image_cache_size: int = 32):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_len = max_len or min(model.text_config.max_position_embeddings, 4096)
+        self.cache = model.language_model.new_cache(max_batch_size, self.max_len)
+        self.running: list[_Request] = []  # running[i] owns cache row i
+        self.waiting: deque[_Request] = deque()
+        self.image_cache = ImageFeatureCache(image_cache_size)
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------------------------------ requests
+    def add_request(
+        self,
+        input_ids: Tensor,
+        *,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        ignore_eos: bool = False,
+        **model_inputs: Any,
+    ) -> str:
+        """Queue a request; returns its id. ``input_ids`` is one unpadded prompt (``[T]`` or ``[1, T]``);
+        ``model_inputs`` are its other model inputs (``pixel_values``, ``token_type_ids`` ...)."""
+        params = (params or SamplingParams()).validate()
+        ids = input_ids.reshape(-1).to(torch.long)
+        if ids.numel() + params.max_new_tokens > self.max_len:
+            raise GenerationError(
+                f"prompt ({ids.numel()} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the engine's "
+                f"cache length ({self.max_len} tokens)"
+            )
+        if params.stop and self.tokenizer is None:
+            raise GenerationError("stop strings need a tokenizer")
+        rid = request_id or f"req-{next(self._ids)}"
+        if any(r.id == rid for r in itertools.chain(self.running, self.waiting)):
+            raise GenerationError(f"request id '{rid}' is already in use")
+        device = self.model.device
+        req = _Request(
+            id=rid,
+            input_ids=ids.to(device),
+            params=params,
+            model_inputs={k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in model_inputs.items()},
+            ignore_eos=ignore_eos,
+            sampler=Sampler(params, device=device),
+            eos=_eos_ids(self.model, self.tokenizer, ignore_eos) | set(params.stop_token_ids),
+        )
+        if self.tokenizer is not None:
+            req.stop = StopChecker(params.stop, (), ())
+            req.decoder = self.tokenizer.stream_decoder()
+        self.waiting.append(req)
+        return rid
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a waiting or running request (its cache row is freed at once). True if it existed."""
+        for req in list(self.waiting):
+            if req.id == request_id:
+                self.waiting.remove(req)
+                return True
+        for i, req in enumerate(self.running):
+            if req.id == request_id:
+                self._free(i)
+                return True
+        return False
+
+    def has_work(self) -> bool:
+        """Whether any request is waiting or running."""
+        return bool(self.running or self.waiting)
+
+    # ------------------------------------------------------------------------------------------ stepping
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Admit waiting requests into free rows (prefill + first token), then run one decode step for every
+        running request. Returns one :class:`RequestOutput` per token produced."""
+        outputs: list[RequestOutput] = []
+        while self.waiting and len(self.running) < self.max_batch_size:
+            req = self.waiting.popleft()
+            row = len(self.running)
+            self.running.append(req)
+            logits = self._prefill(req, row)
+            outputs.append(self._accept(req, logits))
+        self._drop_finished(outputs)
+        if self.running:
+            logits = self._decode()
+            for req, row_logits in zip(list(self.running), logits):
+                outputs.append(self._accept(req, row_logits[None]))
+            self._drop_finished(outputs)
+        return outputs
+
+    def run(self) -> dict[str, list[int]]:
+        """Step until every request has finished; returns the generated ids per request id (a final EOS /
+        stop token included, as in :class:`~torchvlm.generation.loop.GenerationOutput`)."""
+        done: dict[str, list[int]] = {}
+        while self.has_work():
+            for out in self.step():
+                done.setdefault(out.request_id, []).append(out.token_id)
+        return done
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _prefill(self, req: _Request, row: int) -> Tensor:
+        model, lm = self.model, self.model.language_model
+        ids = req.input_ids[None]
+        extra = dict(req.model_inputs)
+        pixel_values = extra.pop("pixel_values", None)
+        if pixel_values is not None:
+            feats = self.image_cache.get_or_compute(model, pixel_values, **extra)
+            extra["image_features"] = feats
+        inputs = model.prepare_inputs(ids, torch.ones_like(ids), **extra)
+        hidden, _ = lm.model(inputs.embeds, inputs.positions, cache=self.cache.rows(row), start=0,
+                             prefix_len=inputs.prefix_len)
+        req.length = ids.shape[1]
+        req.position = int(inputs.positions[0, -1]) + 1
+        return lm.logits(hidden[:, -1])
+
+    def _decode(self) -> Tensor:
+        lm = self.model.language_model
+        device = self.model.device
+        n = len(self.running)
+        slots = torch.tensor([r.length for r in self.running], device=device)
+        kv_len = max(r.length for r in self.running) + 1
+        positions = torch.tensor([[r.position] for r in self.running], device=device)
+        tokens = torch.tensor([[r.last] for r in self.running], device=device)
+        key_valid = torch.arange(kv_len, device=device)[None, :] <= slots[:, None]
+        hidden, _ = lm.model(lm.model.embed(tokens), positions, cache=self.cache.rows(slice(0, n)), slots=slots,
+                             kv_len=kv_len, key_valid=key_valid)
+        for r in self.running:
+            r.length += 1
+            r.position += 1
+        return lm.logits(hidden[:, -1])
+
+    def _accept(self, req: _Request, logits: Tensor) -> RequestOutput:
+        prev = torch.cat([req.input_ids, torch.tensor(req.generated, dtype=torch.long, device=req.input_ids.device)])
+        token = int(req.sampler(logits, prev[None]))
+        req.generated.append(token)
+        req.last = token
+        out = RequestOutput(request_id=req.id, token_id=token)
+        if token in req.eos:
+            out.finished, out.finish_reason = True, "stop"
+            if req.stop is not None:
+                out.text_delta = req.stop.feed(req.decoder.flush())[0] + req.stop.flush()
+            return out
+        if req.stop is not None:
+            out.text_delta, hit = req.stop.feed(req.decoder.put(token))
+            if hit:
+                out.finished, out.finish_reason = True, "stop"
+                return out
+        if len(req.generated) >= req.params.max_new_tokens:
+            out.finished, out.finish_reason = True, "length"
+            if req.stop is not None:
+                safe, _ = req.stop.feed(req.decoder.flush())
+                out.text_delta += safe + req.stop.flush()
+        return out
+
+    def _drop_finished(self, outputs: list[RequestOutput]) -> None:
+        finished = {o.request_id for o in outputs if o.finished}
+        for i in reversed(range(len(self.running))):
+            if self.running[i].id in finished:
+                self._free(i)
+
+    def _free(self, row: int) -> None:
+        """Release ``row``: the last running request moves into it (its cache row is copied)."""
+        last = len(self.running) - 1
+        if row != last:
+            for k, v in zip(self.cache.k, self.cache.v):
+                n = self.running[last].length
+                k[row, :, :n] = k[last, :, :n]
+                v[row, :, :n] = v[last, :, :n]
+            self.running[row] = self.running[last]
+        self.running.pop()
