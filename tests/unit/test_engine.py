@@ -101,3 +101,18 @@ def test_vlm_requests_and_image_cache(llava_dir):
     assert engine.image_cache.hits == 1 and engine.image_cache.misses == 1
     for rid, b in ((r1, b1), (r2, b2)):
         assert got[rid] == model.generate(**b, max_new_tokens=6, ignore_eos=True)[0].tolist()
+
+
+def test_prefix_reuse_gives_the_same_tokens(text_model):
+    g = torch.Generator().manual_seed(9)
+    system = torch.randint(3, 128, (24,), generator=g)  # a shared "system prompt"
+    prompts = [torch.cat([system, torch.randint(3, 128, (n,), generator=g)]) for n in (3, 6, 1)]
+    engine = Engine(text_model, max_batch_size=2, max_len=96)
+    ids = [engine.add_request(p, params=SamplingParams(max_new_tokens=6), ignore_eos=True) for p in prompts]
+    got = engine.run()
+    assert engine.prefix_cache.reused_tokens >= 2 * 24  # the 2nd and 3rd requests skipped the shared part
+    for rid, p in zip(ids, prompts):
+        assert got[rid] == generate(text_model, p[None], max_new_tokens=6, ignore_eos=True).sequences[0].tolist()
+    # the same prompt again reuses all but its last token
+    again = engine.add_request(prompts[0], params=SamplingParams(max_new_tokens=6), ignore_eos=True)
+    assert engine.run()[again] == got[ids[0]]

@@ -91,6 +91,44 @@ class ImageFeatureCache:
         return feats
 
 
+class PrefixCache:
+    """Keys/values of recent prompts, so a request that starts with the same tokens (a shared system prompt,
+    a long document asked about twice) prefills only what follows the common prefix.
+
+    Holds at most ``max_tokens`` prompt tokens (LRU). Only prefixes of at least ``min_len`` tokens are reused.
+    """
+
+    def __init__(self, max_tokens: int = 4096, min_len: int = 16):
+        self.max_tokens, self.min_len = max_tokens, min_len
+        self._items: OrderedDict[tuple[int, ...], tuple[list[Tensor], list[Tensor]]] = OrderedDict()
+        self.reused_tokens = 0
+
+    def lookup(self, ids: list[int]) -> tuple[int, tuple[int, ...] | None]:
+        """Longest common prefix of ``ids`` with a stored prompt (at least ``min_len`` tokens): (length, key)."""
+        best, best_key = 0, None
+        for key in self._items:
+            n = 0
+            for a, b in zip(key, ids):
+                if a != b:
+                    break
+                n += 1
+            if n >= self.min_len and n > best:
+                best, best_key = n, key
+        if best_key is not None:
+            self._items.move_to_end(best_key)
+        return best, best_key
+
+    def get(self, key: tuple[int, ...]) -> tuple[list[Tensor], list[Tensor]]:
+        return self._items[key]
+
+    def store(self, ids: list[int], k: list[Tensor], v: list[Tensor]) -> None:
+        if len(ids) < self.min_len or len(ids) > self.max_tokens:
+            return
+        self._items[tuple(ids)] = (k, v)
+        while sum(len(key) for key in self._items) > self.max_tokens:
+            self._items.popitem(last=False)
+
+
 class Engine:
     """A continuous-batching generation engine over one model (see the module docstring).
 
@@ -101,10 +139,13 @@ class Engine:
         max_len: cache length per row (prompt + new tokens); default: the model's context length, capped
             at 4096 to bound memory.
         image_cache_size: image feature cache entries (0 disables it).
+        prefix_cache_tokens: prompt tokens whose keys/values are kept for prefix reuse (0 disables it).
+            Reuse stops before the first image token and is off for prefix-LM families (PaliGemma),
+            whose prompt keys depend on later prompt tokens.
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 8, max_len: int | None = None,
-                 image_cache_size: int = 32):
+                 image_cache_size: int = 32, prefix_cache_tokens: int = 4096):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -113,6 +154,7 @@ class Engine:
         self.running: list[_Request] = []  # running[i] owns cache row i
         self.waiting: deque[_Request] = deque()
         self.image_cache = ImageFeatureCache(image_cache_size)
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self._ids = itertools.count()
 
     # ------------------------------------------------------------------------------------------ requests
@@ -210,11 +252,37 @@ class Engine:
             feats = self.image_cache.get_or_compute(model, pixel_values, **extra)
             extra["image_features"] = feats
         inputs = model.prepare_inputs(ids, torch.ones_like(ids), **extra)
-        hidden, _ = lm.model(inputs.embeds, inputs.positions, cache=self.cache.rows(row), start=0,
+        cache = self.cache.rows(row)
+        token_list = req.input_ids.tolist()
+        reuse, key = self._reusable_prefix(token_list, inputs)
+        if reuse:  # copy the stored keys/values in, run only the rest of the prompt
+            k_src, v_src = self.prefix_cache.get(key)
+            for k, v, ks, vs in zip(cache.k, cache.v, k_src, v_src):
+                k[0, :, :reuse] = ks[:, :reuse]
+                v[0, :, :reuse] = vs[:, :reuse]
+            self.prefix_cache.reused_tokens += reuse
+        hidden, _ = lm.model(inputs.embeds[:, reuse:], inputs.positions[:, reuse:], cache=cache, start=reuse,
                              prefix_len=inputs.prefix_len)
+        if self.prefix_cache is not None and inputs.prefix_len is None:
+            n = self._text_prefix_len(token_list)
+            self.prefix_cache.store(token_list[:n], [k[0, :, :n].clone() for k in cache.k],
+                                    [v[0, :, :n].clone() for v in cache.v])
         req.length = ids.shape[1]
         req.position = int(inputs.positions[0, -1]) + 1
         return lm.logits(hidden[:, -1])
+
+    def _text_prefix_len(self, ids: list[int]) -> int:
+        """Tokens before the first image token (image tokens of equal ids may carry different images)."""
+        image = self.model.image_token_id
+        return ids.index(image) if image is not None and image in ids else len(ids)
+
+    def _reusable_prefix(self, ids: list[int], inputs) -> tuple[int, tuple[int, ...] | None]:
+        if self.prefix_cache is None or inputs.prefix_len is not None:
+            return 0, None
+        # the last prompt token always runs (it yields the first logits); image tokens never come from the store
+        limit = min(self._text_prefix_len(ids), len(ids) - 1)
+        n, key = self.prefix_cache.lookup(ids[:limit])
+        return (n, key) if key is not None else (0, None)
 
     def _decode(self) -> Tensor:
         lm = self.model.language_model
