@@ -3,9 +3,9 @@
 
 Logits are compared with a tolerance of about one bf16 ulp (atol 1e-2 + rtol 1e-2): on torch 2.13 / CPU they
 were observed bit-identical (max abs diff 0.0) for Llama, Gemma 2 and LLaVA. The same tolerance rejects the
-fp32 logits of the same model (observed gaps: Llama 0.25, Gemma 2 0.06, LLaVA 0.04), so a model that silently ran in fp32 (or
-rounded in a different place) would fail. Greedy generations must be token-identical; on a mismatch the
-message names the first divergent step and HF's logit gap between the two candidate tokens there.
+fp32 logits of the same model (observed gaps: Llama 0.25, Gemma 2 0.06, LLaVA 0.04), so a model that silently
+ran in fp32 (or rounded in a different place) would fail. Greedy generations must be token-identical; on a
+mismatch the message names the first divergent step and HF's logit gap between the two candidate tokens there.
 """
 
 from __future__ import annotations
