@@ -7,7 +7,7 @@ file. This module turns it into the pieces the rest of torchvlm works with:
   dequantised only when asked for, so peak memory stays near one copy of the model in the target dtype.
 * :func:`gguf_config` -- an HF-style ``config.json`` dict for ``LlamaForCausalLM``.
 * :func:`gguf_tokenizer` -- a ``tokenizers.Tokenizer`` plus a ``tokenizer_config`` dict.
-* :func:`convert_gguf_to_hf` -- writes a plain HF checkpoint directory.
+* :func:`convert_gguf_to_hf` -- writes a plain HF checkpoint directory, one tensor at a time.
 
 The ``gguf`` package (``pip install gguf`` or ``pip install torchvlm[gguf]``) does the file parsing and
 dequantisation; it is imported only when a GGUF file is actually opened.
@@ -592,22 +592,21 @@ def convert_gguf_to_hf(
 ) -> Path:
     """Write a plain HF checkpoint directory from a GGUF file and return its path.
 
-    Writes ``config.json``, ``model.safetensors`` (weights dequantised to ``dtype``), ``tokenizer.json``,
-    ``tokenizer_config.json`` and ``generation_config.json``. Tensors are dequantised one at a time, so peak
-    memory is about one model copy in ``dtype``. ``pretokenizer`` is passed to :func:`gguf_tokenizer`.
-    A GGUF without tokenizer metadata gets no tokenizer files.
+    Writes ``config.json``, ``model.safetensors`` (weights dequantised to ``dtype``; shards plus an index
+    above 5 GiB), ``tokenizer.json``, ``tokenizer_config.json`` and ``generation_config.json``. Tensors are
+    dequantised one at a time while the weight file is written (:func:`torchvlm.loading.save_weights` over a
+    lazy :class:`torchvlm.loading.SourceTensors`), so peak memory is a few copies of the largest tensor
+    (float32 while dequantising), not a copy of the model. ``pretokenizer`` is passed to :func:`gguf_tokenizer`. A GGUF without tokenizer metadata gets no
+    tokenizer files.
     """
-    from safetensors.torch import save_file
+    from .loading import SourceTensors, save_weights
 
     path = _check_path(path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = gguf_config(path)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    source = GGUFSource(path)
-    tensors = {k: source.get(k, dtype=dtype) for k in source.keys()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "source": path.name})
-    del tensors
+    save_weights(SourceTensors(GGUFSource(path), dtype), out, metadata={"format": "pt", "source": path.name})
 
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     try:

@@ -3,7 +3,8 @@
 :func:`resolve_model_path` accepts a local model directory, a local ``.gguf`` file, or a Hugging Face hub
 repo id (``org/name``). Repo ids are fetched with :func:`huggingface_hub.snapshot_download`, restricted to
 configuration, tokenizer, template and safetensors files: pickle checkpoints (``*.bin``, ``*.pt``, ...) are
-never downloaded. With ``HF_HUB_OFFLINE=1`` (or ``local_files_only=True``) only the local HF cache is used.
+never downloaded, and with ``config_only=True`` (e.g. ``torchvlm info``) neither are the weights. With
+``HF_HUB_OFFLINE=1`` (or ``local_files_only=True``) only the local HF cache is used.
 When nothing works, :class:`~torchvlm.errors.ModelNotFoundError` says in one line everything that was tried.
 """
 
@@ -16,18 +17,28 @@ from pathlib import Path
 
 from .errors import ConfigError, ModelNotFoundError
 
-__all__ = ["resolve_model_path", "read_config", "require", "hf_cache_dir", "ALLOW_PATTERNS", "IGNORE_PATTERNS"]
+__all__ = [
+    "resolve_model_path",
+    "read_json",
+    "read_config",
+    "require",
+    "hf_cache_dir",
+    "ALLOW_PATTERNS",
+    "CONFIG_PATTERNS",
+    "IGNORE_PATTERNS",
+]
 
-#: Files fetched from the hub for a model.
-ALLOW_PATTERNS = [
+#: Files fetched from the hub to describe a model without its weights: configuration, tokenizer, templates.
+CONFIG_PATTERNS = [
     "*.json",
-    "*.safetensors",
     "*.jinja",
     "*.txt",
     "*.model",  # sentencepiece
     "*.tiktoken",
     "tokenizer*",
 ]
+#: Files fetched from the hub for a model: the above plus the safetensors weights.
+ALLOW_PATTERNS = [*CONFIG_PATTERNS, "*.safetensors"]
 #: Files never fetched (pickle-based checkpoints and other heavy formats).
 IGNORE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle", "*.msgpack", "*.h5", "*.onnx", "*.gguf"]
 
@@ -72,6 +83,7 @@ def resolve_model_path(
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool | None = None,
+    config_only: bool = False,
 ) -> Path:
     """Turn ``model_id`` into a local directory (or ``.gguf`` file) path.
 
@@ -79,7 +91,9 @@ def resolve_model_path(
     * an existing ``.gguf`` file -> that file;
     * otherwise a hub repo id: the snapshot in the HF cache (``cache_dir`` / ``$HF_HUB_CACHE`` /
       ``$HF_HOME/hub``), downloaded first unless offline (``HF_HUB_OFFLINE=1`` or ``local_files_only=True``).
-      Only config/tokenizer/template/safetensors files are downloaded, never pickles.
+      Only config/tokenizer/template/safetensors files are downloaded, never pickles; with
+      ``config_only=True`` only config/tokenizer/template files (:data:`CONFIG_PATTERNS`), no weights, so
+      the snapshot may lack them (a later call without ``config_only`` fetches them).
 
     Raises :class:`ModelNotFoundError` with a one-line account of what was tried.
     """
@@ -115,7 +129,7 @@ def resolve_model_path(
             revision=revision,
             cache_dir=str(cache),
             local_files_only=offline,
-            allow_patterns=ALLOW_PATTERNS,
+            allow_patterns=CONFIG_PATTERNS if config_only else ALLOW_PATTERNS,
             ignore_patterns=IGNORE_PATTERNS,
         )
         return Path(path)

@@ -25,6 +25,11 @@ Writing
 :func:`save_weights` writes the Hugging Face layout with its own safetensors writer (tensor bytes are
 streamed to the file one tensor at a time, no serialised copy of the whole shard is built) into temporary
 files that are fsynced and then renamed into place, so a crash never leaves a half-written weight file.
+:class:`SourceTensors` wraps a tensor source as a lazy mapping, so a conversion (e.g. GGUF -> safetensors)
+holds one tensor at a time.
+
+:func:`check_device` validates a device argument up front (a one-line :class:`~torchvlm.errors.ConfigError`
+instead of a deep CUDA stack trace).
 """
 
 from __future__ import annotations
@@ -34,14 +39,16 @@ import os
 import re
 import struct
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
+from .hub import read_json
 
 __all__ = [
     "TensorSource",
@@ -49,6 +56,8 @@ __all__ = [
     "WeightMap",
     "load_weights",
     "save_weights",
+    "check_device",
+    "SourceTensors",
     "SAFE_WEIGHTS_NAME",
     "SAFE_WEIGHTS_INDEX_NAME",
 ]
@@ -135,6 +144,9 @@ class DictSource:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._t[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._t[key].dtype
 
     def get(self, key: str, dtype: torch.dtype | None = None, device=None) -> Tensor:
         t = self._t[key]
@@ -263,12 +275,10 @@ class SafetensorsSource:
 
     def _load_index(self, index: Path) -> None:
         try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{index.name}: invalid JSON ({e})") from None
-        except OSError as e:
-            raise CheckpointError(f"{index.name}: cannot read ({e.strerror or e})") from e
-        wmap = data.get("weight_map") if isinstance(data, dict) else None
+            data = read_json(index)
+        except ConfigError as e:  # same message (it names the file), as the weights' error type
+            raise CheckpointError(str(e)) from None
+        wmap = data.get("weight_map")
         if not isinstance(wmap, dict) or not wmap:
             raise CheckpointError(f"{index.name}: missing or empty 'weight_map'")
         by_file: dict[str, list[str]] = {}
@@ -422,6 +432,42 @@ class WeightMap:
         return any(re.search(p, module_key) for p in self.optional)
 
 
+# --------------------------------------------------------------------------------------------- devices
+def check_device(device: str | int | torch.device) -> torch.device:
+    """Parse ``device`` and make sure this process can use it; return it as a :class:`torch.device`.
+
+    Raises :class:`~torchvlm.errors.ConfigError` with a one-line reason, before anything is allocated:
+    ``device 'foo' is not a valid torch device``, ``device 'cuda' is not available (this PyTorch has no
+    CUDA)``, ``... (no GPU visible)``, ``device 'cuda:3' is not available (2 GPUs visible: cuda:0-cuda:1)``.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(
+            f"device '{device}' is not a valid torch device (e.g. 'cpu', 'cuda', 'cuda:1', 'mps')"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            built = torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None
+            why = "no GPU visible" if built else "this PyTorch has no CUDA"
+            raise ConfigError(f"device '{device}' is not available ({why})")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            visible = "cuda:0" if count == 1 else f"cuda:0-cuda:{count - 1}"
+            raise ConfigError(
+                f"device '{device}' is not available ({count} GPU{'s' if count != 1 else ''} visible: {visible})"
+            )
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"device '{device}' is not available (this PyTorch has no MPS or this is not a Mac)")
+    elif dev.type not in ("cpu", "meta"):
+        backend = getattr(torch, dev.type, None)
+        available = getattr(backend, "is_available", None)
+        if not callable(available) or not available():
+            raise ConfigError(f"device '{device}' is not available (this PyTorch has no {dev.type} support)")
+    return dev
+
+
 # --------------------------------------------------------------------------------------------- loading
 def _files_text(source, keys: Iterable[str] | None = None) -> str:
     files = getattr(source, "files", None)
@@ -458,25 +504,23 @@ def load_weights(
     weight_map: WeightMap = WeightMap(),
     *,
     dtype: torch.dtype,
-    device="cpu",
-    keep_dtype: Callable[[str], bool] | None = None,
+    device: str | torch.device = "cpu",
 ) -> None:
     """Load every parameter and persistent buffer of ``model`` from ``source``, strictly.
 
     ``model`` is typically built under ``torch.device("meta")``; each tensor is read straight into its final
     dtype and device and assigned to the module (``load_state_dict(assign=True)``). Floating tensors become
-    ``dtype`` unless ``keep_dtype(module_key)`` is true, in which case they keep the dtype the module declared
-    (e.g. fp32 for a norm or router); non-floating tensors take the module's declared dtype.
+    ``dtype``; non-floating tensors take the module's declared dtype.
 
-    Raises :class:`CheckpointError` for a module key the checkpoint does not provide (unless optional), a
-    checkpoint key that maps to no module key (unless ignored), two checkpoint keys mapping to one module
-    key, a shape mismatch, or a tensor left on the meta device after loading. Shapes are checked before any
-    data is read.
-
-    After assignment, ``model.tie_weights()`` is called if the model defines it, then every submodule's
-    ``_init_buffers(device)`` hook (non-persistent buffers such as RoPE tables).
+    Raises :class:`ConfigError` for a ``device`` that is not valid or not available (see
+    :func:`check_device`), and :class:`CheckpointError` for a module key the checkpoint does not provide
+    (unless optional), a checkpoint key that maps to no module key (unless ignored), two checkpoint keys
+    mapping to one module key, a shape mismatch, or a parameter/buffer left on the meta device after loading
+    (e.g. a buffer the module never initialised). Device and shapes are checked before any data is read.
     """
-    device = torch.device(device)
+    device = check_device(device)
+    if device.type == "meta":
+        raise ConfigError("device 'meta' holds no data: load weights onto 'cpu' or a GPU")
     expected = model.state_dict(keep_vars=True)
     ckpt_keys = list(source.keys())
 
@@ -542,10 +586,7 @@ def load_weights(
     try:
         for mk, ck in to_load.items():
             ref = expected[mk]
-            if ref.is_floating_point() and not (keep_dtype is not None and keep_dtype(mk)):
-                target = dtype
-            else:
-                target = ref.dtype
+            target = dtype if ref.is_floating_point() else ref.dtype
             t = source.get(ck, dtype=target, device=device)
             if t.dtype != target or t.device != device:
                 t = t.to(device=device, dtype=target)
@@ -561,20 +602,14 @@ def load_weights(
     model.load_state_dict(state, strict=False, assign=True)
     del state
 
-    # 4. ties, non-persistent buffers, meta check
-    tie = getattr(model, "tie_weights", None)
-    if callable(tie):
-        tie()
-    for mod in model.modules():
-        hook = getattr(mod, "_init_buffers", None)
-        if callable(hook):
-            hook(device)
+    # 4. nothing may be left on the meta device (e.g. an optional weight nobody provided, or a buffer the
+    #    module never initialised)
     left = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
     left += [n for n, b in model.named_buffers(remove_duplicate=False) if b.is_meta]
     if left:
         raise CheckpointError(
             f"{_few(left)} still on the meta device after loading: not in {_files_text(source)} and not "
-            "initialised by tie_weights() or an _init_buffers(device) hook"
+            "initialised by the model"
         )
 
 
@@ -608,28 +643,105 @@ def _tensor_bytes(t: Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def _write_safetensors(path: Path, tensors: list[tuple[str, Tensor]], metadata: Mapping[str, str]) -> None:
-    """Write one safetensors file at ``path`` (not atomic by itself)."""
+class SourceTensors(Mapping[str, Tensor]):
+    """A read-only ``{name: tensor}`` mapping over a :class:`TensorSource` that reads a tensor only on access.
+
+    ``SourceTensors(source, dtype)[name]`` is ``source.get(name, dtype=...)`` on cpu, nothing cached: floating
+    tensors become ``dtype``; a tensor the source stores as non-floating (known when the source has a
+    ``dtype(key)`` method, as :class:`SafetensorsSource` does) keeps its stored dtype. :func:`save_weights`
+    plans its shards from :meth:`spec` and then reads each tensor exactly once, so
+    ``save_weights(SourceTensors(GGUFSource(path), torch.bfloat16), out)`` converts a checkpoint holding
+    about one tensor in memory at a time.
+    """
+
+    def __init__(self, source: TensorSource, dtype: torch.dtype):
+        self.source = source
+        self.dtype = dtype
+        self._keys = list(source.keys())
+        self._known = set(self._keys)
+
+    def _target(self, key: str) -> torch.dtype:
+        stored = getattr(self.source, "dtype", None)
+        if callable(stored) and not stored(key).is_floating_point:
+            return stored(key)
+        return self.dtype
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._known:
+            raise KeyError(key)
+        return self.source.get(key, dtype=self._target(key))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def spec(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """``(shape, dtype)`` of ``self[key]`` without reading it."""
+        return tuple(int(s) for s in self.source.shape(key)), self._target(key)
+
+
+def _spec(tensors: Mapping[str, Tensor], name: str) -> tuple[tuple[int, ...], torch.dtype]:
+    """Shape and dtype of ``tensors[name]``, without reading it when the mapping offers ``spec(name)``."""
+    spec = getattr(tensors, "spec", None)
+    if callable(spec):
+        return spec(name)
+    t = _checked(name, tensors[name])
+    return tuple(t.shape), t.dtype
+
+
+def _checked(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise CheckpointError(f"cannot save weight '{name}': not a tensor ({type(t).__name__})")
+    if t.is_meta:
+        raise CheckpointError(f"cannot save weight '{name}': it is on the meta device (never loaded)")
+    return t
+
+
+def _write_one(f, tensors: Mapping[str, Tensor], name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    # A function of its own so the tensor (and the bytes view of it) is released before the next is read.
+    t = _checked(name, tensors[name])
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+        raise CheckpointError(
+            f"cannot save weight '{name}': it was announced as {_fmt_shape(shape)} {dtype} but is "
+            f"{_fmt_shape(t.shape)} {t.dtype}"
+        )
+    f.write(_tensor_bytes(t))
+
+
+def _write_safetensors(
+    path: Path,
+    shard: list[tuple[str, tuple[int, ...], torch.dtype]],
+    tensors: Mapping[str, Tensor],
+    metadata: Mapping[str, str],
+) -> None:
+    """Write the ``shard`` entries ``(name, shape, dtype)`` of ``tensors`` as one safetensors file at ``path``
+    (not atomic by itself). Each tensor is fetched from ``tensors`` once, written and dropped."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
-    for name, t in tensors:
-        code = _TORCH_TO_ST.get(t.dtype)
+    for name, shape, dtype in shard:
+        code = _TORCH_TO_ST.get(dtype)
         if code is None:
-            raise CheckpointError(f"cannot save weight '{name}': dtype {t.dtype} has no safetensors equivalent")
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+            raise CheckpointError(f"cannot save weight '{name}': dtype {dtype} has no safetensors equivalent")
+        n = _numel(shape) * _itemsize(dtype)
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for _, t in tensors:
-            f.write(_tensor_bytes(t))
+        for name, shape, dtype in shard:
+            _write_one(f, tensors, name, shape, dtype)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def save_weights(
@@ -647,28 +759,31 @@ def save_weights(
     is written as its own contiguous bytes, so tensors sharing storage are simply written twice; callers
     drop tied keys themselves. ``metadata`` defaults to ``{"format": "pt"}``.
 
+    ``state_dict`` may be any mapping. One with a ``spec(name) -> (shape, dtype)`` method, such as
+    :class:`SourceTensors`, is read lazily: each value is fetched once, written and released before the
+    next, so memory stays at about one tensor.
+
     Files are written to temporaries in ``out_dir``, fsynced and renamed into place; weight files of an
     earlier save in the same directory that are not part of this one are removed afterwards.
     """
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt"} if metadata is None else dict(metadata)
-    for name, t in state_dict.items():
-        if not isinstance(t, Tensor):
-            raise CheckpointError(f"cannot save weight '{name}': not a tensor ({type(t).__name__})")
-        if t.is_meta:
-            raise CheckpointError(f"cannot save weight '{name}': it is on the meta device (never loaded)")
+    specs = [(name, *_spec(state_dict, name)) for name in state_dict]
+    for name, _, dtype in specs:
+        if dtype not in _TORCH_TO_ST:
+            raise CheckpointError(f"cannot save weight '{name}': dtype {dtype} has no safetensors equivalent")
 
-    shards: list[list[tuple[str, Tensor]]] = [[]]
+    shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
     size = 0
     total = 0
-    for name, t in state_dict.items():
-        n = t.numel() * t.element_size()
+    for name, shape, dtype in specs:
+        n = _numel(shape) * _itemsize(dtype)
         total += n
         if shards[-1] and size + n > max_shard_size:
             shards.append([])
             size = 0
-        shards[-1].append((name, t))
+        shards[-1].append((name, shape, dtype))
         size += n
 
     if len(shards) == 1:
@@ -684,12 +799,12 @@ def save_weights(
             os.close(fd)
             temps.append(Path(tmp))
             os.chmod(tmp, mode)
-            _write_safetensors(Path(tmp), shard, meta)
+            _write_safetensors(Path(tmp), shard, state_dict, meta)
         index_tmp = None
         if len(shards) > 1:
             index = {
                 "metadata": {"total_size": total},
-                "weight_map": {k: name for shard, name in zip(shards, names) for k, _ in shard},
+                "weight_map": {k: name for shard, name in zip(shards, names) for k, _, _ in shard},
             }
             fd, tmp = tempfile.mkstemp(prefix=f".{SAFE_WEIGHTS_INDEX_NAME}.", suffix=".tmp", dir=out)
             os.chmod(tmp, mode)

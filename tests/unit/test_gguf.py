@@ -266,6 +266,33 @@ def test_tiny_convert_loads_in_hf(tiny, tmp_path):
     assert gen["eos_token_id"] == 2 and gen["bos_token_id"] == 1
 
 
+def test_tiny_convert_dequantises_one_tensor_at_a_time(tiny, tmp_path, monkeypatch):
+    import weakref
+
+    from torchvlm.loading import SafetensorsSource
+
+    real_get = GGUFSource.get
+    refs, alive, keys = [], [], []
+
+    def counting_get(self, key, dtype=None, device=None):
+        alive.append(sum(r() is not None for r in refs))
+        keys.append(key)
+        t = real_get(self, key, dtype=dtype, device=device)
+        refs.append(weakref.ref(t))
+        return t
+
+    monkeypatch.setattr(GGUFSource, "get", counting_get)
+    out = convert_gguf_to_hf(tiny, tmp_path / "hf", dtype=torch.bfloat16)
+    src = GGUFSource(tiny)
+    assert sorted(keys) == sorted(src.keys())  # each tensor dequantised exactly once
+    assert max(alive) == 0  # and released before the next one
+    monkeypatch.setattr(GGUFSource, "get", real_get)
+    written = SafetensorsSource(out)
+    assert written.metadata == {"format": "pt", "source": tiny.name}
+    for k in keys:
+        assert torch.equal(written.get(k), src.get(k, dtype=torch.bfloat16)), k
+
+
 # ------------------------------------------------------------------------------------ real SmolLM2
 
 

@@ -113,3 +113,42 @@ def test_read_config_errors(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="JSON object"):
         read_config(tmp_path / "config.json")
+
+
+def test_config_only_offline_cache_without_weights(offline_cache):
+    (offline_cache / "model.safetensors").unlink()  # a cache filled by `torchvlm info`: no weights
+    assert resolve_model_path("org/tiny-vlm", config_only=True) == offline_cache
+    assert read_config(resolve_model_path("org/tiny-vlm", config_only=True))["model_type"] == "llava"
+
+
+def test_config_only_fetches_no_weights(tmp_path, monkeypatch):
+    """What would be downloaded, checked on the patterns handed to huggingface_hub (no network)."""
+    from fnmatch import fnmatch
+
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kw):
+        calls.append(kw)
+        return str(tmp_path)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    files = ["config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja",
+             "model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+             "pytorch_model.bin", "model.gguf"]
+
+    def fetched(kw):
+        def ok(f):
+            return any(fnmatch(f, p) for p in kw["allow_patterns"]) and not any(
+                fnmatch(f, p) for p in kw["ignore_patterns"])
+        return {f for f in files if ok(f)}
+
+    assert resolve_model_path("org/name", config_only=True) == tmp_path
+    assert resolve_model_path("org/name") == tmp_path
+    assert calls[0]["local_files_only"] is False
+    meta = {"config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja",
+            "model.safetensors.index.json"}
+    assert fetched(calls[0]) == meta
+    assert fetched(calls[1]) == meta | {"model.safetensors", "model-00001-of-00002.safetensors"}

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from torchvlm.errors import GenerationError
 
-__all__ = ["SamplingParams", "Sampler", "process_logits"]
+__all__ = ["SamplingParams", "Sampler", "process_logits", "normalize_stop"]
 
 _NEG_INF = float("-inf")
 
@@ -41,6 +41,26 @@ def _is_int(x: object) -> bool:
 
 def _is_real(x: object) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def normalize_stop(stop: object) -> tuple[str, ...]:
+    """Validate stop strings: ``None``, one string or a list/tuple of non-empty strings -> a tuple.
+
+    The one validator for stop strings (used by :meth:`SamplingParams.validate` and
+    :class:`~torchvlm.generation.stopping.StopChecker`); raises :class:`GenerationError` naming ``stop``.
+    """
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    elif not isinstance(stop, (list, tuple)):
+        raise GenerationError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+    for s in stop:
+        if not isinstance(s, str):
+            raise GenerationError(f"stop must contain only strings, got {type(s).__name__}")
+        if s == "":
+            raise GenerationError("stop must not contain an empty string")
+    return tuple(stop)
 
 
 @dataclass
@@ -133,20 +153,7 @@ class SamplingParams:
                 raise GenerationError(f"seed must be >= 0, got {self.seed}")
             self.seed = int(self.seed)
 
-        # stop strings
-        stop = self.stop
-        if stop is None:
-            stop = ()
-        elif isinstance(stop, str):
-            stop = (stop,)
-        elif not isinstance(stop, (list, tuple)):
-            raise GenerationError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
-        for s in stop:
-            if not isinstance(s, str):
-                raise GenerationError(f"stop must contain only strings, got {type(s).__name__}")
-            if s == "":
-                raise GenerationError("stop must not contain an empty string")
-        self.stop = tuple(stop)
+        self.stop = normalize_stop(self.stop)
 
         # stop token ids
         ids = self.stop_token_ids
