@@ -2,42 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("transformers")
-from PIL import Image  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (tiny.py)
 import tiny  # noqa: E402
+from processor_fixtures import SIZES, assert_same, make_image  # noqa: E402
 from torchvlm.errors import ProcessorError  # noqa: E402
 from torchvlm.models.llava.processor import LlavaProcessor, llava_num_image_tokens  # noqa: E402
 from torchvlm.processing.processor import Processor, read_json  # noqa: E402
-
-SIZES = [(30, 500, "RGB"), (480, 640, "RGB"), (224, 224, "RGB"), (100, 1000, "RGB"), (47, 33, "L"),
-         (64, 40, "RGBA"), (17, 23, "P")]
-
-
-def _img(h, w, mode="RGB", seed=0):
-    a = np.random.default_rng(seed + h * 7 + w).integers(0, 256, (h, w, 4), dtype=np.uint8)
-    return Image.fromarray(a if mode == "RGBA" else a[..., :3]).convert(mode)
-
-
-def _assert_same(hf_out, ours):
-    assert set(ours) == set(hf_out.keys()), (set(ours), set(hf_out.keys()))
-    for k, v in hf_out.items():
-        assert ours[k].shape == v.shape, k
-        if k == "pixel_values":
-            assert ours[k].dtype == torch.float32
-            torch.testing.assert_close(ours[k], v, atol=1e-6, rtol=0)
-        else:
-            assert ours[k].dtype == torch.long
-            assert torch.equal(ours[k], v), k
-
 
 @pytest.fixture(scope="module", params=["default", "full"])
 def procs(request, tmp_path_factory):
@@ -55,7 +29,10 @@ def test_dispatch_and_token_count(procs):
     n = llava_num_image_tokens(read_json(d / "config.json"))
     assert n == (16 if ours.vision_feature_select_strategy == "default" else 17)
     assert n == ours.num_image_tokens(32, 32)
-    out = ours(text="USER: <image>\nhi ASSISTANT:", images=[_img(40, 50)])
+    # one count for model and processor: the processor's knobs fed to the same function give the same n
+    assert llava_num_image_tokens(read_json(d / "config.json"), ours.config) == n
+    assert ours.num_image_tokens(32, 48) == llava_num_image_tokens({}, ours.config, height=32, width=48) == n + 8
+    out = ours(text="USER: <image>\nhi ASSISTANT:", images=[make_image(40, 50)])
     assert int((out["input_ids"] == ours.image_token_id).sum()) == n
 
 
@@ -63,8 +40,8 @@ def test_dispatch_and_token_count(procs):
 def test_single_image_sizes(procs, h, w, mode):
     _, hf, ours = procs
     text = "USER: <image>\nWhat is shown in this image? ASSISTANT:"
-    im = _img(h, w, mode)
-    _assert_same(hf(images=[im], text=text, return_tensors="pt"), ours(text=text, images=[im]))
+    im = make_image(h, w, mode)
+    assert_same(hf(images=[im], text=text, return_tensors="pt"), ours(text=text, images=[im]))
 
 
 def test_batch_left_padding_and_two_images(procs):
@@ -73,49 +50,64 @@ def test_batch_left_padding_and_two_images(procs):
         "USER: <image>\nWhat? ASSISTANT:",
         "USER: <image>\nCompare with <image>\nand describe both pictures in detail please. ASSISTANT:",
     ]
-    images = [[_img(30, 500)], [_img(480, 640, "L"), _img(64, 40, "RGBA")]]
+    images = [[make_image(30, 500)], [make_image(480, 640, "L"), make_image(64, 40, "RGBA")]]
     for side in ("left", "right"):
         want = hf(images=images, text=texts, return_tensors="pt", padding=True, padding_side=side)
         got = ours(text=texts, images=images, padding_side=side)
-        _assert_same(want, got)
+        assert_same(want, got)
     assert got["attention_mask"][0].sum() < got["attention_mask"][1].sum()
 
 
 def test_messages_match_hf_apply_chat_template(procs):
     _, hf, ours = procs
     chat = [
-        {"role": "user", "content": [{"type": "image", "image": _img(100, 1000)}, {"type": "text", "text": "Hi?"}]},
+        {"role": "user", "content": [{"type": "image", "image": make_image(100, 1000)}, {"type": "text", "text": "Hi?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "A dog."}]},
-        {"role": "user", "content": [{"type": "text", "text": "And this"}, {"type": "image", "image": _img(224, 224)}]},
+        {"role": "user", "content": [{"type": "text", "text": "And this"}, {"type": "image", "image": make_image(224, 224)}]},
     ]
     want = hf.apply_chat_template(chat, tokenize=True, return_dict=True, add_generation_prompt=True, return_tensors="pt")
-    _assert_same(want, ours(messages=chat))
-    short = [{"role": "user", "content": [{"type": "image", "image": _img(30, 30)}, {"type": "text", "text": "x"}]}]
+    assert_same(want, ours(messages=chat))
+    short = [{"role": "user", "content": [{"type": "image", "image": make_image(30, 30)}, {"type": "text", "text": "x"}]}]
     want = hf.apply_chat_template([short, chat], tokenize=True, return_dict=True, add_generation_prompt=True,
                                   return_tensors="pt", padding=True, padding_side="left")
-    _assert_same(want, ours(messages=[short, chat]))
+    assert_same(want, ours(messages=[short, chat]))
     # images passed separately to typeless image parts
     bare = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]
-    im = _img(50, 60)
+    im = make_image(50, 60)
     assert torch.equal(ours(messages=bare, images=[im])["input_ids"], ours(messages=[
         {"role": "user", "content": [{"type": "image", "image": im}, {"type": "text", "text": "x"}]}])["input_ids"])
 
 
+def test_message_text_cannot_inject_placeholders(procs):
+    """In chats only image parts place images; '<image>' typed in text is refused. Raw text= prompts keep it."""
+    _, _, ours = procs
+    im = make_image(30, 30)
+    sneaky = [{"role": "user", "content": [{"type": "image", "image": im}, {"type": "text", "text": "<image> hi"}]}]
+    msg = r"messages\[0\]: text part contains the image placeholder '<image>'; pass images as \{'type': 'image'\} parts"
+    with pytest.raises(ProcessorError, match=msg):
+        ours(messages=sneaky)
+    with pytest.raises(ProcessorError, match=r"messages\[1\]\[0\]: text part contains"):
+        ours(messages=[[{"role": "user", "content": "fine"}], [{"role": "user", "content": "x <image>"}]],
+             images=[[], [im]])
+    out = ours(text="USER: <image>\nhi ASSISTANT:", images=[im])
+    assert int((out["input_ids"] == ours.image_token_id).sum()) == ours.num_image_tokens(32, 32)
+
+
 def test_text_only_prompt(procs):
     _, hf, ours = procs
-    _assert_same(hf(text="USER: hello ASSISTANT:", return_tensors="pt"), ours(text="USER: hello ASSISTANT:"))
+    assert_same(hf(text="USER: hello ASSISTANT:", return_tensors="pt"), ours(text="USER: hello ASSISTANT:"))
 
 
 def test_placeholder_count_mismatch(procs):
     _, _, ours = procs
     with pytest.raises(ProcessorError, match=r"1 image placeholder\(s\) '<image>' but 2 image\(s\)"):
-        ours(text="USER: <image>\nhi", images=[_img(10, 10), _img(10, 10)])
+        ours(text="USER: <image>\nhi", images=[make_image(10, 10), make_image(10, 10)])
     with pytest.raises(ProcessorError, match=r"2 image placeholder\(s\) '<image>' but 1 image\(s\)"):
-        ours(text="<image> and <image>", images=[_img(10, 10)])
+        ours(text="<image> and <image>", images=[make_image(10, 10)])
     with pytest.raises(ProcessorError, match="prompt 1 has 1 image placeholder"):
-        ours(text=["<image>", "<image>"], images=[[_img(10, 10)], []])
+        ours(text=["<image>", "<image>"], images=[[make_image(10, 10)], []])
     with pytest.raises(ProcessorError, match="list of 2 lists"):
-        ours(text=["<image>", "<image>"], images=[_img(10, 10), _img(10, 10)])
+        ours(text=["<image>", "<image>"], images=[make_image(10, 10), make_image(10, 10)])
 
 
 def test_save_round_trip(procs, tmp_path):
@@ -126,7 +118,7 @@ def test_save_round_trip(procs, tmp_path):
     (tmp_path / "config.json").write_bytes((d / "config.json").read_bytes())
     again = Processor.from_pretrained(tmp_path)
     hf_again = AutoProcessor.from_pretrained(tmp_path)
-    text, images = "USER: <image>\nok ASSISTANT:", [_img(80, 30)]
+    text, images = "USER: <image>\nok ASSISTANT:", [make_image(80, 30)]
     want = ours(text=text, images=images)
     for p_out in (again(text=text, images=images), hf_again(images=images, text=text, return_tensors="pt")):
         for k in want:

@@ -92,6 +92,28 @@ def test_default_template():
     assert out.startswith("user: <img>\n")
 
 
+def test_values_reduced_to_plain_data():
+    """Builtin subclasses become exact builtins (no custom __str__), numpy scalars become Python numbers."""
+    import enum
+
+    from torchvlm.processing.chat_template import normalize_messages
+
+    class Role(str, enum.Enum):
+        USER = "user"
+
+        def __str__(self) -> str:
+            return "WRONG"
+
+    class N(enum.IntEnum):
+        TWO = 2
+
+    (m,) = normalize_messages([{"role": Role.USER, "content": "x", "n": N.TWO, "f": np.float64(0.5),
+                                "b": np.bool_(True), "t": (1, np.int32(3))}])
+    assert m == {"role": "user", "content": "x", "n": 2, "f": 0.5, "b": True, "t": (1, 3)}
+    assert [type(m[k]) for k in ("role", "n", "f", "b")] == [str, int, float, bool]
+    assert render_chat_template("{{ messages[0]['role'] }}", [{"role": Role.USER, "content": "x"}]) == "user"
+
+
 def test_strftime_now_available():
     out = render_chat_template("{{ strftime_now('%Y') }}", CHATS[0])
     assert out.isdigit() and len(out) == 4

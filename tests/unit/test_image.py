@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from torchvlm.errors import ConfigError, ImageError
-from torchvlm.processing.image import load_image, load_images
+from torchvlm.processing.image import is_single_image, load_image, load_images
 from torchvlm.processing.image_processors import (
     IMAGE_PROCESSORS,
     ClipImageProcessor,
@@ -46,6 +46,24 @@ def test_path_bytes_base64_datauri(tmp_path, rgb):
         assert out.mode == "RGB" and out.size == (20, 12)
         np.testing.assert_array_equal(np.asarray(out), rgb)
     assert len(load_images([p, data])) == 2
+
+
+def test_is_single_image_used_everywhere(tmp_path, rgb):
+    """One definition of "this is one image" for load_images, ImageProcessor and Processor."""
+    from torchvlm.processing.processor import Processor
+
+    img = Image.fromarray(rgb)
+    data = _png(img)
+    p = tmp_path / "a.png"
+    p.write_bytes(data)
+    singles = [str(p), p, data, bytearray(data), memoryview(data), img, rgb, torch.from_numpy(rgb)]
+    assert all(is_single_image(x) for x in singles)
+    assert not any(is_single_image(x) for x in ([img], (img,), None, 3, {"image": img}))
+    clip = ClipImageProcessor({"size": {"shortest_edge": 8}, "crop_size": 8, "do_center_crop": True})
+    for x in singles:
+        assert len(load_images(x)) == 1
+        assert clip(x)["pixel_values"].shape == (1, 3, 8, 8)
+        assert Processor._split_images(x, 1) == [[x]]
 
 
 def test_numpy_and_tensor(rgb):

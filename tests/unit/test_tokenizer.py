@@ -117,8 +117,37 @@ def test_stream_decoder_never_splits_utf8(saved):
         assert "".join(deltas) == ours.decode(ids), s
         assert all("\ufffd" not in d for d in deltas[:-1]), deltas
     # random id streams (may contain invalid byte sequences): still consistent with full decode
-    for _ in range(20):
+    for _ in range(40):
         ids = [rng.randrange(ours.vocab_size) for _ in range(rng.randrange(1, 30))]
-        sd = ours.stream_decoder()
-        text = "".join(sd.put(i) for i in ids) + sd.flush()
-        assert text == ours.decode(ids)
+        for skip in (True, False):
+            sd = ours.stream_decoder(skip_special_tokens=skip)
+            text = "".join(sd.put(i) for i in ids) + sd.flush()
+            assert text == ours.decode(ids, skip_special_tokens=skip) == sd.text
+    # several ids at once, and an empty put
+    ids = hf.encode(texts[1])
+    sd = ours.stream_decoder()
+    assert sd.put([]) == ""
+    assert sd.put(ids[:3]) + sd.put(ids[3:]) + sd.flush() == ours.decode(ids)
+    sd.reset()
+    assert sd.ids == [] and "".join(sd.put(i) for i in ids) + sd.flush() == ours.decode(ids)
+
+
+def test_stream_decoder_with_clean_up_spaces():
+    """Non-BPE tokenizers with clean_up_tokenization_spaces: streamed text is cleaned like decode()."""
+    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers
+
+    vocab = ["[UNK]", "[SEP]", "hello", "world", ".", ",", "'", "n", "t", "s", "m", "ve", "re", "?", "!",
+             "##s", "don", "I", "é"]
+    wp = HFTok(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wp.decoder = decoders.WordPiece(cleanup=False)
+    tok = Tokenizer(wp, {"clean_up_tokenization_spaces": True, "unk_token": "[UNK]", "sep_token": "[SEP]"})
+    assert tok.cleans_up_spaces
+    assert tok.decode(tok.encode("hello , world . I don ' t")) == "hello, world. I don't"
+    rng = random.Random(1)
+    for _ in range(300):
+        ids = [rng.randrange(len(vocab)) for _ in range(rng.randrange(1, 25))]
+        for skip in (True, False):
+            sd = tok.stream_decoder(skip_special_tokens=skip)
+            parts = [sd.put(i) for i in ids]
+            assert "".join(parts) + sd.flush() == tok.decode(ids, skip_special_tokens=skip), parts

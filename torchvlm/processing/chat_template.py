@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import jinja2
 import jinja2.ext
 import jinja2.sandbox
+import numpy as np
 
 from torchvlm.errors import ProcessorError
 
@@ -96,8 +97,7 @@ def _plain(value: Any) -> Any:
     """Reduce *value* to plain JSON-like data (what the template may see)."""
     if value is None or type(value) in (str, int, float, bool):
         return value
-    if isinstance(value, bool):
-        return bool(value)
+    # subclasses (str/int enums, numpy float64, ...) become the exact builtin, without calling their __str__
     if isinstance(value, str):
         return str.__str__(value)
     if isinstance(value, int):
@@ -110,13 +110,8 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, tuple):
         return tuple(_plain(v) for v in value)
-    try:
-        import numpy as np
-
-        if isinstance(value, np.generic):
-            return _plain(value.item())
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(value, np.generic):
+        return _plain(value.item())
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if callable(getattr(value, "model_dump", None)):

@@ -26,14 +26,28 @@ import re
 from typing import Any, Iterable
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from torchvlm.errors import ImageError
 
-__all__ = ["load_image", "load_images", "to_rgb", "DEFAULT_REMOTE_MAX_BYTES"]
+__all__ = ["load_image", "load_images", "is_single_image", "SINGLE_IMAGE_TYPES", "to_rgb", "DEFAULT_REMOTE_MAX_BYTES"]
 
 #: Byte cap used for remote downloads when ``max_bytes`` is not given.
 DEFAULT_REMOTE_MAX_BYTES = 64 * 1024 * 1024
+
+#: Types that are one image (not a list of images) wherever torchvlm takes "an image or a list of images":
+#: paths / URLs / base64 (str, os.PathLike), encoded bytes, PIL images, numpy arrays and torch tensors.
+#: A 4-D array or tensor is still *one* value here; :func:`load_image` rejects it with a clear error.
+SINGLE_IMAGE_TYPES: tuple[type, ...] = (
+    str, bytes, bytearray, memoryview, os.PathLike, Image.Image, np.ndarray, torch.Tensor,
+)
+
+
+def is_single_image(x: Any) -> bool:
+    """True when *x* is one image source (see :data:`SINGLE_IMAGE_TYPES`) rather than a sequence of them."""
+    return isinstance(x, SINGLE_IMAGE_TYPES)
+
 
 _B64_RE = re.compile(r"^[A-Za-z0-9+/_\-\s]+={0,2}\s*$")
 _DATA_URI_RE = re.compile(r"^data:(?P<mime>[\w.+\-]+/[\w.+\-]+)?(?P<params>(;[^,;]*)*?)(?P<b64>;base64)?,", re.I)
@@ -205,11 +219,7 @@ def load_image(
     if isinstance(src, np.ndarray):
         return _array_to_image(src, src, channels_first=False)
 
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        torch = None  # type: ignore[assignment]
-    if torch is not None and isinstance(src, torch.Tensor):
+    if isinstance(src, torch.Tensor):
         t = src.detach().cpu()
         if t.dtype in (torch.bfloat16, torch.float16):
             t = t.float()
@@ -274,7 +284,9 @@ def _load_path(path: str, allow_local: bool, max_bytes: int | None) -> Image.Ima
 
 
 def load_images(srcs: Iterable[Any], **kwargs: Any) -> list[Image.Image]:
-    """Load several images with :func:`load_image` (same keyword arguments); returns RGB PIL images."""
-    if isinstance(srcs, (str, bytes, os.PathLike, Image.Image, np.ndarray)):
+    """Load several images with :func:`load_image` (same keyword arguments); returns RGB PIL images.
+
+    A single image (:func:`is_single_image`) is accepted too and gives a list of one."""
+    if is_single_image(srcs):
         return [load_image(srcs, **kwargs)]
     return [load_image(s, **kwargs) for s in srcs]

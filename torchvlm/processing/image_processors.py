@@ -30,7 +30,7 @@ from PIL import Image
 
 from torchvlm.errors import ConfigError, ProcessorError
 from torchvlm.hub import read_json
-from torchvlm.processing.image import load_image
+from torchvlm.processing.image import is_single_image, load_image
 
 __all__ = [
     "IMAGE_PROCESSORS",
@@ -288,7 +288,7 @@ class ImageProcessor:
         Returns ``{"pixel_values": float32 tensor [N, 3, H, W]}``; raises ProcessorError when the processed
         images do not share one size (this processor class cannot batch them).
         """
-        if isinstance(images, (str, bytes, Image.Image, np.ndarray, torch.Tensor, os.PathLike)):
+        if is_single_image(images):
             images = [images]
         arrays = [self.preprocess_one(self.to_uint8_rgb(im)) for im in images]
         if not arrays:

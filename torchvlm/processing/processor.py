@@ -21,13 +21,12 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
 from torchvlm.errors import ConfigError, ProcessorError, UnknownArchitectureError
 from torchvlm.processing.chat_template import render_chat_template
-from torchvlm.processing.image import load_image
+from torchvlm.processing.image import is_single_image, load_image
 from torchvlm.processing.image_processors import ImageProcessor, load_image_processor
 from torchvlm.hub import read_json
 from torchvlm.processing.tokenizer import Tokenizer
@@ -83,12 +82,6 @@ def processor_class_for(model_config: dict | None, processor_config: dict | None
         + (f" / processor_class '{pclass}'" if pclass else "")
         + f"; supported: {', '.join(sorted(set(PROCESSORS) | TEXT_ONLY_MODEL_TYPES))}"
     )
-
-
-def _is_image_like(x: Any) -> bool:
-    if isinstance(x, (str, bytes, bytearray, os.PathLike, Image.Image, np.ndarray, torch.Tensor)):
-        return True
-    return False
 
 
 class Processor:
@@ -236,9 +229,10 @@ class Processor:
         Args:
             messages: one chat (list of ``{"role", "content"}``) or a list of chats (batch). Image parts
                 may carry the image (``{"type": "image", "image": <anything load_image takes>}``); otherwise
-                pass ``images``.
-            text: a prompt string or a list of already-templated prompt strings (batch). Exclusive with
-                ``messages``.
+                pass ``images``. Message text (string content or ``{"type": "text"}`` parts) must not contain
+                the image placeholder (ProcessorError): only image parts place images.
+            text: a prompt string or a list of already-templated prompt strings (batch), in which image
+                placeholders (:attr:`image_token`) mark where the images go. Exclusive with ``messages``.
             images: a flat list (one sample) or a list of lists (one list per sample); each item anything
                 :func:`~torchvlm.processing.image.load_image` accepts. A single image may be passed bare.
             padding_side: ``"left"`` (default, for generation) or ``"right"``.
@@ -264,6 +258,7 @@ class Processor:
 
         if messages is not None:
             chats, batched = self._split_chats(messages)
+            self._refuse_placeholders_in_text(chats, batched)
             texts = [self.apply_chat_template(c, add_generation_prompt=add_generation_prompt, **template_kwargs)
                      for c in chats]
             if images is None:
@@ -290,6 +285,24 @@ class Processor:
             texts, per_sample, padding_side=padding_side, add_special_tokens=add_special_tokens, **kwargs
         )
 
+    def _refuse_placeholders_in_text(self, chats: list[list[dict]], batched: bool) -> None:
+        """Raise ProcessorError when message text contains :attr:`image_token` (it would become an image slot)."""
+        tok = self.image_token
+        if not tok:
+            return
+        for b, chat in enumerate(chats):
+            for i, m in enumerate(chat):
+                content = m.get("content")
+                parts = [content] if isinstance(content, str) else content if isinstance(content, (list, tuple)) else []
+                for part in parts:
+                    text = part if isinstance(part, str) else part.get("text") if isinstance(part, dict) else None
+                    if isinstance(text, str) and tok in text:
+                        where = f"messages[{b}][{i}]" if batched else f"messages[{i}]"
+                        raise ProcessorError(
+                            f"{where}: text part contains the image placeholder '{tok}'; "
+                            "pass images as {'type': 'image'} parts"
+                        )
+
     @staticmethod
     def _split_chats(messages: Any) -> tuple[list[list[dict]], bool]:
         if not isinstance(messages, (list, tuple)) or not messages:
@@ -305,7 +318,7 @@ class Processor:
 
     @staticmethod
     def _split_images(images: Any, batch: int) -> list[list[Any]]:
-        if _is_image_like(images):
+        if is_single_image(images):
             images = [images]
         if not isinstance(images, (list, tuple)):
             raise ProcessorError(f"images must be an image, a list of images or a list of lists, got {type(images).__name__}")

@@ -14,8 +14,9 @@ BOS/EOS handling follows transformers 5.x: with a ``tokenizer.json`` present, ``
 ``tokenizer.json`` decides what ``encode(..., add_special_tokens=True)`` adds (a missing one adds nothing).
 A tokenizer built in memory (``Tokenizer(obj, config)``, e.g. by the GGUF importer) honours those two
 flags: when either is present the post-processor is rebuilt as ``[bos] $A [eos]`` (pairs:
-``[bos] $A [eos] [bos] $B [eos]``), each flag defaulting to false. Processors that need a fixed policy
-(PaliGemma inserts BOS itself) call :meth:`Tokenizer.set_special_tokens_policy`.
+``[bos] $A [eos] [bos] $B [eos]``), each flag defaulting to false; :meth:`Tokenizer.set_special_tokens_policy`
+changes the policy of a tokenizer in place. Processors never call it on a tokenizer they were given
+(PaliGemma, which places BOS itself, encodes with ``add_special_tokens=False`` instead).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from tokenizers import AddedToken, processors
+from tokenizers.decoders import DecodeStream
 from tokenizers import Tokenizer as _HFTokenizer
 
 from torchvlm.errors import ConfigError, ProcessorError
@@ -310,9 +312,14 @@ class Tokenizer:
         """Ids (list, or 1-D tensor/array) -> text."""
         ids = _as_id_list(ids)
         text = self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
-        if self.clean_up_tokenization_spaces and type(self._tok.model).__name__ != "BPE":
-            text = _clean_up(text)
-        return text
+        return _clean_up(text) if self.cleans_up_spaces else text
+
+    @property
+    def cleans_up_spaces(self) -> bool:
+        """Whether :meth:`decode` removes spaces before punctuation (``clean_up_tokenization_spaces``).
+
+        As in transformers, the flag is honoured only for non-BPE models (WordPiece, Unigram, ...)."""
+        return self.clean_up_tokenization_spaces and type(self._tok.model).__name__ != "BPE"
 
     def batch_decode(self, sequences: Iterable[Any], skip_special_tokens: bool = True) -> list[str]:
         """Decode each sequence of a batch."""
@@ -358,8 +365,6 @@ class Tokenizer:
             p = d / "chat_template.jinja"
             p.write_text(self.chat_template, encoding="utf-8")
             paths.append(str(p))
-        if self.generation_config and not (d / "generation_config.json").exists():
-            pass  # generation_config.json belongs to the model; written by the model's save_pretrained
         return paths
 
     def __repr__(self) -> str:
@@ -384,51 +389,84 @@ def _clean_up(text: str) -> str:
     return text
 
 
+# _clean_up patterns are at most this long, and each starts with (and only ever deletes) a space
+_CLEAN_UP_SPAN = 4
+
+
+def _safe_cut(text: str) -> int:
+    """Largest ``p`` such that ``_clean_up(text + more) == _clean_up(text[:p]) + _clean_up(text[p:] + more)``.
+
+    Every clean-up pattern starts with a space, is at most :data:`_CLEAN_UP_SPAN` characters long and only
+    deletes spaces, so no replacement reaches across a point preceded by that many non-space characters.
+    Returns 0 when there is no such point.
+    """
+    for p in range(len(text), _CLEAN_UP_SPAN - 1, -1):
+        if " " not in text[p - _CLEAN_UP_SPAN : p]:
+            return p
+    return 0
+
+
 class StreamDecoder:
     """Incremental detokenizer: feed ids one at a time, get text deltas.
 
-    Never emits half a UTF-8 character (a delta ending in U+FFFD waits for more ids) and handles
-    decoders that strip a leading space by always decoding from a small window of already-emitted
-    tokens. The concatenation of all :meth:`put` results and :meth:`flush` equals
-    ``tokenizer.decode(all_ids)``.
+    Built on ``tokenizers.decoders.DecodeStream``, which decodes each new id against a short window of
+    the ids before it (so decoders that strip a leading space or merge byte-fallback tokens behave as in a
+    full decode) and holds text back until it forms complete UTF-8 characters. On top of it this class adds:
+
+    * :meth:`flush` - ``DecodeStream`` never releases bytes of an unfinished character; ``flush`` returns
+      what is still pending so that the concatenation of all :meth:`put` results and ``flush()`` equals
+      ``tokenizer.decode(all_ids, skip_special_tokens=...)`` (incomplete bytes come out as U+FFFD there);
+    * ``clean_up_tokenization_spaces`` - when the tokenizer's :meth:`Tokenizer.decode` applies it
+      (non-BPE models), streamed text is cleaned too, holding back the last few characters of a word
+      until it is clear no clean-up rule reaches into them;
+    * the accumulated :attr:`ids` and emitted :attr:`text`.
+
+    A delta never ends in half a UTF-8 character (for a valid id sequence it never contains U+FFFD).
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
-        self._prefix = 0
-        self._read = 0
         self.text = ""
+        self._clean = tokenizer.cleans_up_spaces
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self._raw = ""  # concatenated DecodeStream output (before clean-up)
+        self._pending = ""  # raw text not yet emitted (clean-up mode only)
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+    def _emit(self, raw: str, final: bool) -> str:
+        self._raw += raw
+        if not self._clean:
+            delta = raw
+        else:
+            self._pending += raw
+            cut = len(self._pending) if final else _safe_cut(self._pending)
+            delta, self._pending = _clean_up(self._pending[:cut]), self._pending[cut:]
+        self.text += delta
+        return delta
 
     def put(self, token_id: int | Iterable[int]) -> str:
         """Add one id (or several); return the newly completed text (possibly empty)."""
-        if isinstance(token_id, int):
-            self.ids.append(token_id)
-        else:
-            self.ids.extend(_as_id_list(token_id))
-        prefix_text = self._decode(self.ids[self._prefix : self._read])
-        new_text = self._decode(self.ids[self._prefix :])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            delta = new_text[len(prefix_text) :]
-            self._prefix, self._read = self._read, len(self.ids)
-            self.text += delta
-            return delta
-        return ""
+        new = [int(token_id)] if isinstance(token_id, int) else _as_id_list(token_id)
+        if not new:
+            return ""
+        self.ids.extend(new)
+        piece = self._stream.step(self.tokenizer.backend, new if len(new) > 1 else new[0])
+        return self._emit(piece or "", final=False)
 
     def flush(self) -> str:
-        """Return whatever text is still pending (incomplete bytes decode to U+FFFD)."""
-        full = self._decode(self.ids)
-        delta = full[len(self.text) :] if full.startswith(self.text) else ""
-        self.text += delta
-        self._prefix = self._read = len(self.ids)
+        """Return whatever text is still pending (incomplete bytes decode to U+FFFD).
+
+        Later :meth:`put` calls continue the stream after the flushed ids."""
+        full = self.tokenizer.backend.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+        tail = full[len(self._raw):] if full.startswith(self._raw) else ""
+        delta = self._emit(tail, final=True)
+        self._raw = full
+        self._stream = DecodeStream(self.ids[-8:], skip_special_tokens=self.skip_special_tokens)
         return delta
 
     def reset(self) -> None:
         """Forget all ids."""
         self.ids.clear()
-        self._prefix = self._read = 0
-        self.text = ""
+        self.text = self._raw = self._pending = ""
+        self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)

@@ -34,11 +34,30 @@ PALIGEMMA_CHAT_TEMPLATE = (
 )
 
 
-def paligemma_num_image_tokens(config: dict) -> int:
-    """Image tokens per image from ``config.json``: ``(image_size // patch_size) ** 2`` of the vision tower.
+def paligemma_num_image_tokens(config: dict, processor_config: dict | None = None) -> int:
+    """Image tokens per image; the one count shared by :class:`PaliGemmaProcessor` and the model.
 
-    ``text_config.num_image_tokens`` / ``vision_config.num_image_tokens`` win when present.
+    Order: the ``image_seq_length`` of *processor_config* (the image processor's config, or
+    ``processor_config.json`` with it nested under ``"image_processor"``) when given - what the processor
+    uses; then ``config.json``'s ``text_config.num_image_tokens`` / ``vision_config.num_image_tokens``; then
+    ``(image_size // patch_size) ** 2`` of ``vision_config`` (SigLIP defaults 224 / 14). With neither a
+    processor value nor a ``config.json`` (*config* empty) it raises ConfigError.
     """
+    pc = processor_config or {}
+    nested = pc.get("image_processor") if isinstance(pc.get("image_processor"), dict) else {}
+    for value in (pc.get("image_seq_length"), nested.get("image_seq_length")):
+        if value is not None:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(
+                    f"processor_config.json: field 'image_processor.image_seq_length' must be a positive int "
+                    f"(got {value!r})"
+                )
+            return value
+    if not config:
+        raise ConfigError(
+            "processor_config.json: field 'image_processor.image_seq_length' missing (and no config.json to "
+            "derive it from)"
+        )
     for sub in ("vision_config", "text_config"):
         c = config.get(sub) or {}
         if isinstance(c, dict) and isinstance(c.get("num_image_tokens"), int):
@@ -71,20 +90,14 @@ class PaliGemmaProcessor(Processor):
         if tid is None:
             raise ConfigError(f"tokenizer: image token '{self.image_token}' is not in the vocabulary")
         self.image_token_id = tid
-        if image_seq_length is None and image_processor is not None:
-            image_seq_length = image_processor.config.get("image_seq_length")
-        if image_seq_length is None and self.model_config:
-            image_seq_length = paligemma_num_image_tokens(self.model_config)
-        if not isinstance(image_seq_length, int) or image_seq_length <= 0:
-            raise ConfigError(
-                "processor_config.json: field 'image_processor.image_seq_length' missing or invalid "
-                f"(got {image_seq_length!r})"
-            )
+        if image_seq_length is None:
+            ip_config = image_processor.config if image_processor is not None else None
+            image_seq_length = paligemma_num_image_tokens(self.model_config, ip_config)
+        elif not isinstance(image_seq_length, int) or isinstance(image_seq_length, bool) or image_seq_length <= 0:
+            raise ProcessorError(f"image_seq_length must be a positive int, got {image_seq_length!r}")
         self.image_seq_length = image_seq_length
         if tokenizer.bos_token is None or tokenizer.eos_token is None:
             raise ConfigError("tokenizer_config.json: PaliGemma needs both bos_token and eos_token")
-        # BOS goes into the text explicitly; the tokenizer must add nothing (HF sets add_bos_token=False)
-        tokenizer.set_special_tokens_policy(add_bos=False, add_eos=False)
 
     def apply_chat_template(self, messages: Any, add_generation_prompt: bool = True, **kwargs: Any) -> str:
         """Render with the checkpoint template, else :data:`PALIGEMMA_CHAT_TEMPLATE`."""
@@ -105,12 +118,16 @@ class PaliGemmaProcessor(Processor):
         return out
 
     def tokenize(self, texts: list[str], add_special_tokens: bool, suffix: Any = None, **kwargs: Any) -> list[dict]:
+        """Encode each prompt (and suffix) without letting the tokenizer add BOS/EOS: :meth:`prepare_texts`
+        placed BOS and the suffix gets EOS here (HF switches the tokenizer's ``add_bos_token`` off; the
+        caller's tokenizer is left as it is). *add_special_tokens* is therefore ignored."""
         if kwargs:
             raise ProcessorError(f"PaliGemmaProcessor: unexpected argument(s) {', '.join(sorted(kwargs))}")
+        encode = self.tokenizer.encode
         if suffix is None:
             return [
                 {"input_ids": ids, "token_type_ids": [0] * len(ids)}
-                for ids in (self.tokenizer.encode(t, add_special_tokens=add_special_tokens) for t in texts)
+                for ids in (encode(t, add_special_tokens=False) for t in texts)
             ]
         suffixes = [suffix] if isinstance(suffix, str) else list(suffix)
         if not all(isinstance(s, str) for s in suffixes) or len(suffixes) != len(texts):
@@ -120,9 +137,12 @@ class PaliGemmaProcessor(Processor):
         eos = self.tokenizer.eos_token
         rows = []
         for t, s in zip(texts, suffixes):
-            ids, types = self.tokenizer.encode_pair(t, s + eos, add_special_tokens=add_special_tokens)
-            labels = [i if ty == 1 else -100 for i, ty in zip(ids, types)]
-            rows.append({"input_ids": ids, "token_type_ids": types, "labels": labels})
+            prefix, answer = encode(t, add_special_tokens=False), encode(s + eos, add_special_tokens=False)
+            rows.append({
+                "input_ids": prefix + answer,
+                "token_type_ids": [0] * len(prefix) + [1] * len(answer),
+                "labels": [-100] * len(prefix) + answer,
+            })
         return rows
 
     def processor_config(self) -> dict:
