@@ -137,7 +137,7 @@ def cmd_info(ns: argparse.Namespace) -> int:
     from . import registry
     from .hub import read_config, resolve_model_path
 
-    path = resolve_model_path(ns.model, revision=ns.revision)
+    path = resolve_model_path(ns.model, revision=ns.revision, config_only=True)
     if path.is_file() and path.suffix == ".gguf":
         from .gguf import gguf_config
 

@@ -192,7 +192,7 @@ class Engine:
             eos=_eos_ids(self.model, self.tokenizer, ignore_eos) | set(params.stop_token_ids),
         )
         if self.tokenizer is not None:
-            req.stop = StopChecker(params.stop, (), ())
+            req.stop = StopChecker(params.stop)
             req.decoder = self.tokenizer.stream_decoder()
         self.waiting.append(req)
         return rid

@@ -143,7 +143,7 @@ def stream_generate(
         key_valid[:, :t] = inputs.key_valid
     eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=device)
     sampler = Sampler(params, device=device)
-    stops = [StopChecker(params.stop, (), ()) for _ in range(b)] if tokenizer is not None else None
+    stops = [StopChecker(params.stop) for _ in range(b)] if tokenizer is not None else None
     decoders = [tokenizer.stream_decoder() for _ in range(b)] if tokenizer is not None else None
     finished = [False] * b
     reasons: list[str | None] = [None] * b

@@ -113,16 +113,6 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"device '{name}' is not a valid torch device (e.g. cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' is not available: this PyTorch build has no CUDA or no GPU is visible")
-    return device
-
-
 class VLM(nn.Module):
     """Base class of every torchvlm model (vision-language and text-only).
 
@@ -173,7 +163,7 @@ class VLM(nn.Module):
         """
         from .. import registry
         from ..hub import read_config, read_json, resolve_model_path
-        from ..loading import SafetensorsSource, load_weights
+        from ..loading import SafetensorsSource, check_device, load_weights
 
         if quantize is not None:
             raise ConfigError(f"quantize='{quantize}' is not available yet (weight-only int8/int4 is planned)")
@@ -192,7 +182,7 @@ class VLM(nn.Module):
         impl = registry.model_class(config, where)
         if cls is not VLM and not issubclass(impl, cls):
             raise ConfigError(f"{where}: checkpoint is a '{impl.__name__}', not a '{cls.__name__}'")
-        device = torch.device(device) if isinstance(device, torch.device) else _device(device)
+        device = check_device(device)
         dtype = parse_dtype(dtype) or _dtype_from_config(config, device)
         with torch.device("meta"):
             model = impl.from_config(config, where=where)
