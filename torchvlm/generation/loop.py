@@ -160,8 +160,8 @@ def stream_generate(
                 continue
             if done[i]:
                 finished[i], reasons[i] = True, "stop"
-                if stops is not None:
-                    deltas[i] = stops[i].flush()
+                if stops is not None:  # release what the decoder and the stop checker still hold
+                    deltas[i] = stops[i].feed(decoders[i].flush())[0] + stops[i].flush()
                 continue
             if tokenizer is not None:
                 text = decoders[i].put(int(nxt[i]))
