@@ -10,12 +10,14 @@ from .activations import get_activation
 class GatedMLP(nn.Module):
     """``down(act(gate(x)) * up(x))``: the SwiGLU / GeGLU MLP of Llama, Qwen, Mistral and Gemma."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu", bias: bool = False):
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu", bias: bool = False,
+                 where: str | None = "hidden_act"):
+        """``where`` names the config field ``act`` came from, for the error on an unknown activation."""
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
-        self.act = get_activation(act)
+        self.act = get_activation(act, where)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -6,11 +6,12 @@ dropped (``vision_feature_layer`` / ``vision_feature_select_strategy`` from conf
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import Tensor
 
-from ...config import TextConfig, VisionConfig
+from ...config import TextConfig, VisionConfig, sub_config, vlm_reader
 from ...connectors import build_connector
-from ...hub import require
 from ...vision.vit import VisionTransformer, select_features
 from ..base import VLM, ImageFeatures
 from ..text_lm import tie_aware
@@ -25,25 +26,40 @@ class LlavaModel(VLM):
     save_rename = SAVE_RENAME
 
     @classmethod
-    def from_config(cls, config: dict, where: str = "config.json") -> "LlavaModel":
-        require(config, "text_config", where)
-        require(config, "vision_config", where)
-        text = TextConfig.from_hf(config["text_config"], f"{where}: text_config")
-        vision = VisionConfig.from_hf(config["vision_config"], f"{where}: vision_config")
+    def from_config(cls, config: dict, where: str = "config.json") -> LlavaModel:
+        """Build from a ``config.json`` dict. Missing fields and sub-configs mean what they mean in HF's
+        ``LlavaConfig`` (see :data:`torchvlm.config.VLM_DEFAULTS` / :data:`~torchvlm.config.VLM_SUB_CONFIGS`);
+        a wrongly typed field raises ConfigError naming ``where`` and the field."""
+        top = vlm_reader(config, "llava", where)
+        text_dict = sub_config(config, "text_config", "llava", where)
+        vision_dict = sub_config(config, "vision_config", "llava", where)
+        text = TextConfig.from_hf(text_dict, where, "text_config")
+        vision = VisionConfig.from_hf(vision_dict, where, "vision_config")
+        # HF ties when the top-level flag or the text config's flag says so
+        text = dataclasses.replace(text, tie_word_embeddings=top.boolean("tie_word_embeddings") or text.tie_word_embeddings)
+        feature_layer = top.raw("vision_feature_layer")
+        layers = feature_layer if isinstance(feature_layer, list) else [feature_layer]
+        n_states = vision.num_hidden_layers + 1
+        if not layers or not all(isinstance(i, int) and not isinstance(i, bool) and -n_states <= i < n_states
+                                 for i in layers):
+            raise top.fail("vision_feature_layer",
+                           f"a layer index or a list of them in [-{n_states}, {n_states - 1}]", feature_layer)
         model = cls(config, text)
         model.vision_config = vision
-        model.image_token_id = int(config.get("image_token_index", config.get("image_token_id", 32000)))
-        model.num_image_tokens = llava_num_image_tokens(config)
-        model.feature_layer = config.get("vision_feature_layer", -2)
-        model.feature_strategy = config.get("vision_feature_select_strategy", "default")
+        model.image_token_id = top.integer("image_token_index", min=0)
+        model.feature_layer = feature_layer
+        model.feature_strategy = top.string("vision_feature_select_strategy", choices=("default", "full"))
+        completed = {**config, "vision_config": {**vision_dict, "model_type": vision.model_type,
+                                                 "image_size": vision.image_size, "patch_size": vision.patch_size},
+                     "vision_feature_select_strategy": model.feature_strategy}
+        model.num_image_tokens = llava_num_image_tokens(completed)
         model.vision_tower = VisionTransformer(vision)
-        n_layers = len(model.feature_layer) if isinstance(model.feature_layer, list) else 1
         model.multi_modal_projector = build_connector(
             "mlp2x_gelu",
-            vision.hidden_size * n_layers,
+            vision.hidden_size * len(layers),
             text.hidden_size,
-            act=config.get("projector_hidden_act", "gelu"),
-            bias=config.get("multimodal_projector_bias", True),
+            act=top.activation("projector_hidden_act"),
+            bias=top.boolean("multimodal_projector_bias"),
         )
         model.weight_map = tie_aware(cls.weight_map, text)
         return model

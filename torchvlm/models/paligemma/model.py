@@ -6,12 +6,14 @@ suffix (answer, ``token_type_ids == 1``) is causal. Rope positions count from 1.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
-from ...config import TextConfig, VisionConfig
+from ...config import TextConfig, VisionConfig, sub_config, vlm_reader
 from ...connectors import build_connector
-from ...hub import require
+from ...errors import ConfigError
 from ...vision.vit import VisionTransformer
 from ..base import VLM, ImageFeatures
 from ..text_lm import tie_aware
@@ -28,20 +30,30 @@ class PaliGemmaModel(VLM):
     extra_inputs = ("token_type_ids",)
 
     @classmethod
-    def from_config(cls, config: dict, where: str = "config.json") -> "PaliGemmaModel":
-        require(config, "text_config", where)
-        require(config, "vision_config", where)
-        text_cfg = dict(config["text_config"])
-        text_cfg.setdefault("model_type", "gemma")
-        text = TextConfig.from_hf(text_cfg, f"{where}: text_config")
-        vision = VisionConfig.from_hf(config["vision_config"], f"{where}: vision_config")
+    def from_config(cls, config: dict, where: str = "config.json") -> PaliGemmaModel:
+        """Build from a ``config.json`` dict. Missing fields and sub-configs mean what they mean in HF's
+        ``PaliGemmaConfig`` (text ``model_type`` defaults to ``gemma``, the vision tower to SigLIP; see
+        :data:`torchvlm.config.VLM_DEFAULTS`); a wrongly typed field raises ConfigError naming it."""
+        top = vlm_reader(config, "paligemma", where)
+        text_dict = sub_config(config, "text_config", "paligemma", where)
+        vision_dict = sub_config(config, "vision_config", "paligemma", where)
+        text = TextConfig.from_hf(text_dict, where, "text_config")
+        vision = VisionConfig.from_hf(vision_dict, where, "vision_config")
+        # the top-level flag decides tying (HF default: tied)
+        text = dataclasses.replace(text, tie_word_embeddings=top.boolean("tie_word_embeddings"))
+        # HF projects to the top-level projection_dim (it overwrites vision_config.projection_dim with it)
+        proj_dim = top.integer("projection_dim")
+        if proj_dim != text.hidden_size:
+            raise ConfigError(f"{where}: field 'projection_dim' ({proj_dim}) must equal 'text_config.hidden_size' "
+                              f"({text.hidden_size}): image features are merged into the text embeddings")
         model = cls(config, text)
         model.vision_config = vision
-        model.image_token_id = int(config.get("image_token_index", config.get("image_token_id", 256000)))
-        model.num_image_tokens = paligemma_num_image_tokens(config)
+        model.image_token_id = top.integer("image_token_index", min=0)
+        completed = {**config, "vision_config": {**vision_dict, "image_size": vision.image_size,
+                                                 "patch_size": vision.patch_size}}
+        model.num_image_tokens = paligemma_num_image_tokens(completed)
         model.vision_tower = VisionTransformer(vision)
-        proj_dim = config.get("vision_config", {}).get("projection_dim") or config.get("projection_dim") or text.hidden_size
-        model.multi_modal_projector = build_connector("linear", vision.hidden_size, int(proj_dim))
+        model.multi_modal_projector = build_connector("linear", vision.hidden_size, proj_dim)
         model.weight_map = tie_aware(cls.weight_map, text)
         return model
 
