@@ -163,8 +163,8 @@ def test_unknown_activation():
 
 
 def test_unknown_vision_activation_names_the_field():
-    cfg = VisionConfig.from_hf(dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
-                                    num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=8,
-                                    hidden_act="mystery"))
+    hf = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+              num_attention_heads=4, image_size=32, patch_size=8, hidden_act="mystery")
+    # rejected when the config is read, or at the latest when the tower is built
     with pytest.raises(ConfigError, match="vision_config.hidden_act"):
-        VisionTransformer(cfg)
+        VisionTransformer(VisionConfig.from_hf(hf))
