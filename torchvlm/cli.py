@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from .bench import add_bench_parser
 from .errors import TorchVLMError
 
 
@@ -141,15 +142,15 @@ def cmd_info(ns: argparse.Namespace) -> int:
     if path.is_file() and path.suffix == ".gguf":
         from .gguf import gguf_config
 
-        config = gguf_config(path)
+        config, where = gguf_config(path), path.name
     else:
-        config = read_config(path)
-    family = registry.family_of(config)
-    cls = registry.model_class(config)
+        config, where = read_config(path), str(path / "config.json")
+    family = registry.family_of(config, where)
+    cls = registry.model_class(config, where)
     import torch
 
     with torch.device("meta"):
-        model = cls.from_config(config)
+        model = cls.from_config(config, where=where)
     text = model.text_config
     info = {
         "path": str(path),
@@ -206,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--revision", default=None)
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
+
+    add_bench_parser(sub)
     return p
 
 

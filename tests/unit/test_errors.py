@@ -101,13 +101,24 @@ def test_unknown_architecture(tiny_llama, tmp_path, capsys):
     assert "not supported" in _cli_error(capsys, ["info", str(bad)])
 
 
-def test_missing_config_field(tiny_llama, tmp_path):
+def test_missing_config_field_takes_the_hf_default(tiny_llama, tmp_path):
     bad = _copy(tiny_llama, tmp_path / "m")
     cfg = json.loads((bad / "config.json").read_text())
-    del cfg["hidden_size"]
+    del cfg["hidden_size"]  # HF's Llama default (4096) applies, which these weights do not fit
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match="hidden_size"):
+    with pytest.raises(CheckpointError, match=r"shape.*model\.safetensors|model\.safetensors.*shape"):
         VLM.from_pretrained(bad)
+
+
+def test_ill_typed_config_field(tiny_llama, tmp_path, capsys):
+    bad = _copy(tiny_llama, tmp_path / "m")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["hidden_size"] = "abc"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="field 'hidden_size' must be a positive integer"):
+        VLM.from_pretrained(bad)
+    err = _cli_error(capsys, ["info", str(bad)])
+    assert str(bad / "config.json") in err and "hidden_size" in err
 
 
 def test_invalid_config_json(tiny_llama, tmp_path):

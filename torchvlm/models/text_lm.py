@@ -29,7 +29,10 @@ class TextLM(VLM):
 
     @classmethod
     def from_config(cls, config: dict, where: str = "config.json") -> "TextLM":
-        text_config = TextConfig.from_hf(config, where)
+        from ..registry import family_of
+
+        # a config that names its family only through `architectures` is parsed as that family
+        text_config = TextConfig.from_hf({**config, "model_type": family_of(config, where)}, where)
         model = cls(config, text_config)
         model.weight_map = tie_aware(cls.weight_map, text_config)
         return model
