@@ -14,7 +14,6 @@ import time
 from collections.abc import Sequence
 
 from .bench import add_bench_parser
-from .bench import add_bench_parser
 from .errors import TorchVLMError
 
 
@@ -208,8 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--revision", default=None)
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
-
-    add_bench_parser(sub)
 
     add_bench_parser(sub)
     return p
