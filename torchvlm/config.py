@@ -535,3 +535,11 @@ class VisionConfig:
             use_head=r.boolean(head_field) if head_field else False,
             model_type=model_type,
         )
+
+
+def completed_vision_config(config: dict, family: str, where: str = "config.json") -> dict:
+    """A VLM's ``vision_config`` as HF completes it: the family's default tower when absent, then the tower
+    type's defaults (:data:`VISION_DEFAULTS`) under the explicit values. Processors count image tokens from
+    this, so they agree with the model on checkpoints that leave fields out."""
+    vc = sub_config(config, "vision_config", family, where)
+    return {**VISION_DEFAULTS.get(vc["model_type"], {}), **{k: v for k, v in vc.items() if v is not None}}

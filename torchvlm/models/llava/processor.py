@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from torchvlm.config import completed_vision_config
 from torchvlm.errors import ConfigError
 from torchvlm.processing.processor import Processor
 from torchvlm.processing.tokenizer import Tokenizer
@@ -21,10 +22,6 @@ __all__ = ["LlavaProcessor", "llava_num_image_tokens", "llava_image_token_settin
 
 # vision towers whose output sequence starts with a CLS token (one extra feature)
 _CLS_TOWERS = {"clip_vision_model", "clip"}
-# HF LlavaConfig's default vision tower (CLIP ViT-L/14 at 336 px), used when config.json names none
-_DEFAULT_VISION = {"model_type": "clip_vision_model", "image_size": 336, "patch_size": 14}
-
-
 def _positive_int(value: Any, field: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{field} must be a positive int (got {value!r})")
@@ -32,12 +29,8 @@ def _positive_int(value: Any, field: str) -> int:
 
 
 def _vision_config(config: dict) -> dict:
-    vc = config.get("vision_config")
-    if vc is None:
-        return dict(_DEFAULT_VISION) if config else {}
-    if not isinstance(vc, dict):
-        raise ConfigError("config.json: field 'vision_config' must be an object")
-    return vc
+    """The completed vision config (HF defaults filled in), or {} when no config.json is known."""
+    return completed_vision_config(config, "llava") if config else {}
 
 
 def llava_image_token_settings(config: dict, processor_config: dict | None = None) -> dict[str, Any]:

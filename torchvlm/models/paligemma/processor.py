@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from torchvlm.config import completed_vision_config
 from torchvlm.errors import ConfigError, ProcessorError
 from torchvlm.processing.processor import Processor
 from torchvlm.processing.tokenizer import Tokenizer
@@ -62,11 +63,8 @@ def paligemma_num_image_tokens(config: dict, processor_config: dict | None = Non
         c = config.get(sub) or {}
         if isinstance(c, dict) and isinstance(c.get("num_image_tokens"), int):
             return int(c["num_image_tokens"])
-    vc = config.get("vision_config") or {}
-    if not isinstance(vc, dict):
-        raise ConfigError("config.json: field 'vision_config' must be an object")
-    image_size = vc.get("image_size", 224)
-    patch = vc.get("patch_size", 14)
+    vc = completed_vision_config(config, "paligemma")
+    image_size, patch = vc["image_size"], vc["patch_size"]
     for name, v in (("vision_config.image_size", image_size), ("vision_config.patch_size", patch)):
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ConfigError(f"config.json: field '{name}' must be a positive int (got {v!r})")
