@@ -260,23 +260,32 @@ def _peak_rss_mb() -> float | None:
 _VISION_PARTS = ("vision_tower", "vision_model", "multi_modal_projector", "visual")
 
 
+def _nbytes(t) -> int:
+    try:
+        return t.untyped_storage().nbytes()
+    except Exception:  # noqa: BLE001 - tensor subclasses (quantized weights) without one storage
+        return t.numel() * t.element_size()
+
+
+def _ptr(t) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except Exception:  # noqa: BLE001
+        return id(t)
+
+
+def _weight_bytes(model) -> int:
+    """Bytes of all parameters and buffers (shared storages once): what the model holds in memory."""
+    tensors = {_ptr(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(_nbytes(t) for t in tensors.values())
+
+
 def _decode_bytes(model, embedding, head) -> int:
     """Bytes of weights read per decode token: every language-model parameter/buffer once (vision parts
     excluded), minus the input embedding table (one row is read) unless the head shares its storage."""
     seen: set[int] = set()
     total = 0
-
-    def size(t) -> int:
-        try:
-            return t.untyped_storage().nbytes()
-        except Exception:  # noqa: BLE001 - tensor subclasses (quantized weights) without one storage
-            return t.numel() * t.element_size()
-
-    def ptr(t) -> int:
-        try:
-            return t.untyped_storage().data_ptr()
-        except Exception:  # noqa: BLE001
-            return id(t)
+    size, ptr = _nbytes, _ptr
 
     head_ptrs = {ptr(t) for t in (head or [])}
     embed_ptrs = {ptr(t) for t in (embedding or [])}
@@ -339,6 +348,7 @@ def _run_torchvlm(spec: dict, res: dict) -> None:
     res["bytes_per_token"] = _decode_bytes(
         model, [lm.model.embed_tokens.weight], [lm.model.embed_tokens.weight] if lm.lm_head is None else None
     )
+    res["weight_bytes"] = _weight_bytes(model)
 
     def gen(ids, n, inputs):
         input_ids = torch.tensor([ids], dtype=torch.long)
@@ -369,6 +379,7 @@ def _run_hf(spec: dict, res: dict) -> None:
     res["rss_after_load_mb"] = _proc_status("VmRSS")
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     res["bytes_per_token"] = _decode_bytes(model, [emb.weight], [head.weight] if head is not None else None)
+    res["weight_bytes"] = _weight_bytes(model)
     gc = model.generation_config
     gc.eos_token_id = None  # decode exactly N tokens
     gc.pad_token_id = gc.pad_token_id if gc.pad_token_id is not None else 0
@@ -411,6 +422,7 @@ def _run_llama_cpp(spec: dict, res: dict) -> None:
     res["load_s"] = time.perf_counter() - t0
     res["rss_after_load_mb"] = _proc_status("VmRSS")
     res["bytes_per_token"] = spec.get("gguf_bytes_per_token")
+    res["weight_bytes"] = spec.get("gguf_weight_bytes")
 
     def gen(ids, n, inputs):
         llm.reset()  # no prefix reuse between runs: every run prefills the whole prompt
@@ -504,7 +516,8 @@ def _gguf_info(path: Path) -> dict:
         total += int(t.n_bytes)
         if len(t.shape) == 2:
             kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + int(t.n_bytes)
-    return {"bytes_per_token": total, "quant": max(kinds, key=kinds.get) if kinds else "?"}
+    return {"bytes_per_token": total, "weight_bytes": sum(int(t.n_bytes) for t in reader.tensors),
+            "quant": max(kinds, key=kinds.get) if kinds else "?"}
 
 
 def _resolve_model(model: str | None, synthetic: str | None, cache: Path) -> tuple[Path, str, bool]:
@@ -783,7 +796,8 @@ def run_bench(
             label = f"llama.cpp {gguf['quant']}" if gguf else "llama.cpp"
             plan = {**base, "engine": "llama.cpp", "label": label, "dtype": gguf["quant"] if gguf else None,
                     "weights": str(path), "image": None,
-                    "gguf_bytes_per_token": gguf["bytes_per_token"] if gguf else None}
+                    "gguf_bytes_per_token": gguf["bytes_per_token"] if gguf else None,
+                    "gguf_weight_bytes": gguf["weight_bytes"] if gguf else None}
             if not _have("llama_cpp"):
                 plan["skip"] = "llama.cpp: not installed (pip install llama-cpp-python)"
             elif not is_gguf:
@@ -839,7 +853,7 @@ def format_report(report: dict) -> str:
         "",
     ]
     head = ["engine", "load s", "TTFT s", "img TTFT s", "decode tok/s", "roofline", "% roof", "peak RSS MB",
-            "MB/token"]
+            "weights MB", "MB/token"]
     rows = []
     for r in report["results"]:
         if r["status"] != "ok":
@@ -849,6 +863,7 @@ def format_report(report: dict) -> str:
             r["label"], _fmt(r.get("load_s"), ".2f"), _fmt(r.get("ttft_s"), ".3f"), _fmt(r.get("ttft_image_s"), ".3f"),
             _fmt(r.get("decode_tps"), ".1f"), _fmt(r.get("roofline_tps"), ".1f"), _fmt(r.get("roofline_pct"), ".0f"),
             _fmt(r.get("peak_rss_mb"), ".0f"),
+            _fmt(r["weight_bytes"] / 2**20 if r.get("weight_bytes") else None, ".0f"),
             _fmt(r["bytes_per_token"] / 2**20 if r.get("bytes_per_token") else None, ".0f"),
         ])
     widths = [max(len(head[i]), *(len(row[i]) for row in rows if len(row) == len(head))) for i in range(len(head))]
