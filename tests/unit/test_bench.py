@@ -62,7 +62,8 @@ def test_end_to_end_json(llava_dir, tmp_path, capsys):
         hf = rows["HF fp32"]
         assert hf["status"] == "ok", hf.get("error")
         assert hf["tokens"] == tv["tokens"]  # same weights, same prompt ids, fp32 greedy
-        assert report["same_tokens"]["HF fp32"] is True
+        assert report["token_agreement"] == [
+            {"engine": "torchvlm fp32", "vs": "HF fp32", "same": True, "first_difference": None}]
         # same decoder weights counted the same way (HF may hold a few extra buffers, e.g. rope tables)
         assert abs(hf["bytes_per_token"] - tv["bytes_per_token"]) <= 4096
         metrics = {(r["vs"], r["metric"]) for r in report["ratios"] if r["engine"] == "torchvlm fp32"}
