@@ -494,6 +494,25 @@ def _version(module: str) -> str | None:
         return None
 
 
+def _busy_cores(interval: float = 1.0) -> float | None:
+    """How many cores other processes keep busy, from ``/proc/stat`` over ``interval`` seconds while this
+    process waits (Linux; else None)."""
+
+    def sample():
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        values = [int(x) for x in fields]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        return sum(values[:8]) - idle, sum(values[:8])
+
+    try:
+        b0, t0 = sample()
+        time.sleep(interval)
+        b1, t1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return round((b1 - b0) / max(t1 - t0, 1) * (os.cpu_count() or 1), 2)
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -751,7 +770,8 @@ def run_bench(
                      "transformers": _version("transformers") if _have("transformers") else None,
                      "llama_cpp_python": _version("llama_cpp_python") if _have("llama_cpp") else None,
                      "python": platform.python_version()},
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": threads, "platform": platform.platform()},
+        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": threads, "platform": platform.platform(),
+                    "busy_cores_before": _busy_cores()},
         "model": {"name": name, "path": str(path), "synthetic": is_synth, "gguf": is_gguf,
                   "gguf_quant": gguf["quant"] if gguf else None, **info},
         "notes": notes,
@@ -828,6 +848,7 @@ def run_bench(
                                    if row.get("decode_tps") and row["roofline_tps"] else None)
             results.append(row)
     report["results"] = results
+    report["machine"]["busy_cores_after"] = _busy_cores()
     report["ratios"] = _ratios(results)
     report["token_agreement"] = _agreement(results)
     return report
@@ -868,8 +889,16 @@ def format_report(report: dict) -> str:
         + (f"; image prompt {w['image_prompt_tokens']} tokens ({w['image_size'][0]}x{w['image_size'][1]})"
            if w.get("image_prompt_tokens") else ""),
         f"memory bandwidth: {bw['read_gbs']:.1f} GB/s read, {bw['copy_gbs']:.1f} GB/s copy",
-        "",
     ]
+    mach = report["machine"]
+    busy = [x for x in (mach.get("busy_cores_before"), mach.get("busy_cores_after")) if x is not None]
+    if busy:
+        lines.append(f"other processes kept {' / '.join(f'{x:.1f}' for x in busy)} of {mach['cores']} cores busy "
+                     "(before / after the run)")
+        if max(busy) > 0.25:
+            lines.append("warning: other processes were using the CPU; timings are noisy (threads that find their "
+                         "cores busy slow down a lot). Rerun on a quiet machine, or compare with --threads 1.")
+    lines.append("")
     head = ["engine", "load s", "TTFT s", "img TTFT s", "decode tok/s", "roofline", "% roof", "peak RSS MB",
             "weights MB", "MB/token"]
     rows = []
