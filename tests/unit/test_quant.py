@@ -127,6 +127,16 @@ def test_default_scope_is_the_language_model(ckpt):
     assert holder.vision_tower[0] is holder.vision_tower[1] and isinstance(holder.vision_tower[0], Int4Linear)
 
 
+def test_calls_compose(ckpt):
+    """Already quantized layers are skipped: an untied head in int8, the rest in int4."""
+    _, path = ckpt
+    model = VLM.from_pretrained(path, dtype=torch.float32)
+    quantize_model(model, "int8", include=lambda name, mod: name.endswith("lm_head"))
+    quantize_model(model, "int4")
+    modes = {n: m.mode for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert modes.pop("language_model.lm_head") == "int8" and set(modes.values()) == {"int4"}
+
+
 def test_include_filter_picks_layers(ckpt):
     _, path = ckpt
     model = VLM.from_pretrained(path, dtype=torch.float32)
@@ -292,6 +302,12 @@ def test_tied_head(tied_ckpt):
             hidden, _ = model.language_model.model(model.prepare_inputs(ids).embeds, model.prepare_inputs(ids).positions)
             torch.testing.assert_close(model.language_model.logits(hidden), head(hidden), atol=1e-4, rtol=1e-4)
             assert _rel(model(ids).logits, base(ids).logits) < REL_LOGIT_BOUND[mode]
+    # a head in another mode than the layers (llama.cpp's Q4 mix: int8 head)
+    mixed = quantize_model(copy.deepcopy(base), "int4", tied_head="int8")
+    modes = {n: m.mode for n, m in mixed.named_modules() if isinstance(m, QuantizedLinear)}
+    assert modes.pop("language_model.lm_head") == "int8" and set(modes.values()) == {"int4"}
+    with pytest.raises(ConfigError, match="mode 'int2' is not supported"):
+        quantize_model(copy.deepcopy(base), "int4", tied_head="int2")
     # include sees the head under its decoder's name
     seen = []
     quantize_model(copy.deepcopy(base), "int8", tied_head=True, include=lambda n, m: seen.append(n) or False)

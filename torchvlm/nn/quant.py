@@ -36,8 +36,9 @@ SUPPORTED_MODES = ("int8", "int4")
 #: Group sizes the CPU int4 kernel accepts (and so the only ones :func:`quantize_model` accepts for int4).
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 #: Up to this many rows (batch x tokens) per call the packed CPU kernel is used; above it the weight is
-#: dequantised and multiplied by the float GEMM. Measured crossover (AVX-512, docs/quantization.md).
-KERNEL_MAX_ROWS = {"int8": 32, "int4": 64}
+#: dequantised and multiplied by the float GEMM. Measured crossovers, AVX-512 with 2 threads (with 1 thread
+#: they are about half): docs/quantization.md.
+KERNEL_MAX_ROWS = {"int8": 32, "int4": 128}
 #: Activation dtypes the packed CPU kernels take.
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #: Weight elements dequantised at a time on the dequantising path: small enough to stay in cache and to be
@@ -476,7 +477,7 @@ def quantize_model(
     *,
     group_size: int = 32,
     include: Callable[[str, nn.Linear], bool] | None = None,
-    tied_head: bool = False,
+    tied_head: bool | str = False,
 ) -> nn.Module:
     """Quantize the weights of a model's ``nn.Linear`` layers in place (weight-only; for inference).
 
@@ -488,9 +489,11 @@ def quantize_model(
             :func:`default_include` (the language model only, an untied LM head included).
         tied_head: also quantize a tied LM head: a decoder whose ``lm_head`` is None (logits from the
             embedding matrix) gets ``lm_head`` = a quantized copy of that matrix (offered to ``include`` as
-            ``<decoder>.lm_head``); the embedding itself stays float for the token lookup. Costs the
-            quantized copy's memory and speeds up decode where the head is a large share of the weights
-            (SmolLM2-135M: ~20%). Needs a decoder whose ``logits`` calls ``lm_head(hidden)``.
+            ``<decoder>.lm_head``); the embedding itself stays float for the token lookup. True: in ``mode``;
+            a mode name: in that mode (``"int8"`` with ``mode="int4"`` is the llama.cpp Q4 mix: bf16
+            quality, nearly int4 speed). Costs the quantized copy's memory and speeds up decode where the
+            head is a large share of the weights (SmolLM2-135M: ~20%). Needs a decoder whose ``logits``
+            calls ``lm_head(hidden)`` (reading ``lm_head.weight`` works, but dequantises it every call).
 
     Returns:
         ``model``, its chosen ``nn.Linear`` modules replaced by :class:`Int8Linear` / :class:`Int4Linear`.
@@ -501,6 +504,9 @@ def quantize_model(
         ConfigError: unknown mode, unsupported group size, or a layer without loaded float weights.
     """
     _check_mode(mode, group_size)
+    head_mode = mode if tied_head is True else tied_head
+    if head_mode:
+        _check_mode(head_mode, group_size)
     include = include or default_include(model)
     done: dict[int, nn.Module] = {}
 
@@ -519,7 +525,7 @@ def quantize_model(
                 visit(child, name + ".")
 
     visit(model, "")
-    if tied_head:
+    if head_mode:
         for name, module in list(model.named_modules()):
             embed = getattr(getattr(module, "model", None), "embed_tokens", None)
             if "lm_head" not in vars(module) or module.lm_head is not None or not isinstance(embed, nn.Embedding):
@@ -528,5 +534,5 @@ def quantize_model(
             head.weight = embed.weight
             head_name = f"{name}.lm_head" if name else "lm_head"
             if include(head_name, head):
-                module.lm_head = quantize_linear(head, mode, group_size=group_size, name=head_name)
+                module.lm_head = quantize_linear(head, head_mode, group_size=group_size, name=head_name)
     return model
