@@ -183,6 +183,23 @@ def test_layer_paths_agree(mode, dtype, shape):
         assert _rel(q._kernel(x), F.linear(x.float(), w)) < tol
 
 
+@pytest.mark.parametrize("shape", [(64, 208), (100, 150), (64, 100)])
+def test_dequantising_path_in_small_chunks(monkeypatch, shape):
+    """Many chunks (several blocks / column ranges each) give the same result as one."""
+    torch.manual_seed(0)
+    k, n = shape
+    linear = nn.Linear(k, n)
+    x = torch.randn(5, k)
+    for q in (Int8Linear.from_linear(linear), Int4Linear.from_linear(linear)):
+        whole, codes = q._dense(x), q.codes() if isinstance(q, Int4Linear) else None
+        monkeypatch.setattr(quant, "_DEQUANT_CHUNK", 64)
+        assert q._cols() == 64
+        torch.testing.assert_close(q._dense(x), whole)
+        if codes is not None:
+            assert torch.equal(q.codes(), codes)
+        monkeypatch.undo()
+
+
 def test_weight_reconstruction_bounds():
     """Elementwise: |w - w_hat| <= scale / 2 (round to nearest; int4 min/max of a group map to codes 0/15).
     Relative Frobenius error of Gaussian weights: int8 ~ 0.8% (scale = max|w|/127 over a row), int4 ~ 8%
@@ -275,7 +292,7 @@ def test_bf16_model(ckpt, mode):
     _, path = ckpt
     base = VLM.from_pretrained(path, dtype=torch.bfloat16)
     model = quantize_model(copy.deepcopy(base), mode)
-    assert all(m.bias_dtype == torch.bfloat16 for m in model.modules() if isinstance(m, QuantizedLinear))
+    assert all(m.dtype == torch.bfloat16 for m in model.modules() if isinstance(m, QuantizedLinear))
     twin = _dequantised_twin(model, base.float())
     with torch.no_grad():
         for batch, length in ((1, 1), (2, 5), (1, 100)):

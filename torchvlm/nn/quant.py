@@ -97,7 +97,7 @@ class QuantizedLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The float weight ``[out_features, in_features]`` the integers stand for (in ``dtype``, default the
         dtype of the stored scales)."""
-        dtype = dtype or self.bias_dtype
+        dtype = dtype or self.dtype
         out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.qweight.device)
         for rows, wt, row_scale in self._chunks(dtype, self._cols()):
             wt = wt[: self.in_features]
@@ -122,8 +122,8 @@ class QuantizedLinear(nn.Module):
         return y
 
     @property
-    def bias_dtype(self) -> torch.dtype:
-        """The model dtype this layer was quantized from (dtype of its scales)."""
+    def dtype(self) -> torch.dtype:
+        """The float dtype this layer was quantized from (the dtype of its scales and bias)."""
         raise NotImplementedError
 
     @property
@@ -189,7 +189,7 @@ class Int8Linear(QuantizedLinear):
         return out
 
     @property
-    def bias_dtype(self) -> torch.dtype:
+    def dtype(self) -> torch.dtype:
         return self.scale.dtype
 
     def _chunks(self, dtype: torch.dtype, cols: int) -> Iterator[Chunk]:
@@ -269,13 +269,13 @@ class Int4Linear(QuantizedLinear):
         return out
 
     @property
-    def bias_dtype(self) -> torch.dtype:
+    def dtype(self) -> torch.dtype:
         return self.scale_zeros.dtype
 
     def _chunks(self, dtype: torch.dtype, cols: int, *, unit: bool = False) -> Iterator[Chunk]:
         # Each chunk is built transposed, [K, rows], so that the per-group scale and offset broadcast along a
         # long contiguous dimension: the elementwise pass then runs vectorised (several times faster than
-        # over groups of 32). ``unit``: scale 1, zero 8, i.e. the codes themselves (for :meth:`codes`).
+        # over groups of 32). ``unit``: scale 1 and offset 0, i.e. the codes themselves (for :meth:`codes`).
         kp, n, g = self.padded_in_features, self.out_features, self.group_size
         if unit:
             scale = torch.ones(kp // g, n, dtype=dtype, device=self.qweight.device)
