@@ -39,10 +39,12 @@ def load(
     device: torch.device | str = "cpu",
     revision: str | None = None,
     local_files_only: bool | None = None,
+    quantize: str | None = None,
 ) -> tuple[VLM, Processor]:
-    """Load ``(model, processor)`` from a local directory, a ``.gguf`` file or a hub id."""
+    """Load ``(model, processor)`` from a local directory, a ``.gguf`` file or a hub id
+    (``quantize``: None, ``"int8"`` or ``"int4"``, see :meth:`VLM.from_pretrained`)."""
     path = resolve_model_path(model_id, revision=revision, local_files_only=local_files_only)
-    model = VLM.from_pretrained(path, dtype=dtype, device=device)
+    model = VLM.from_pretrained(path, dtype=dtype, device=device, quantize=quantize)
     return model, load_processor(path)
 
 

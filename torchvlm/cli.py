@@ -34,6 +34,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto | bf16 | fp16 | fp32 (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     p.add_argument("--revision", default=None, help="hub revision")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="weight-only quantization of the language model (faster decode on CPU)")
 
 
 def _sampling(ns: argparse.Namespace) -> dict:
@@ -47,7 +49,8 @@ def _load(ns: argparse.Namespace):
     from .api import load
 
     t0 = time.perf_counter()
-    model, processor = load(ns.model, dtype=ns.dtype, device=ns.device, revision=ns.revision)
+    model, processor = load(ns.model, dtype=ns.dtype, device=ns.device, revision=ns.revision,
+                            quantize=ns.quantize)
     if getattr(ns, "verbose", False):
         print(f"loaded {ns.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return model, processor

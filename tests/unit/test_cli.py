@@ -61,3 +61,13 @@ def test_info_json(llava_dir, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["family"] == "llava" and info["vision"] is True
     assert info["parameters"] == torchvlm.VLM.from_pretrained(llava_dir).num_parameters()
+
+
+def test_generate_quantized(llava_dir, capsys):
+    assert main(["generate", "--model", str(llava_dir), "--prompt", "hi", "--quantize", "int8",
+                 "--max-new-tokens", "3"]) == 0
+    model, _ = torchvlm.load(llava_dir, quantize="int8")
+    from torchvlm.nn.quant import Int8Linear
+
+    assert isinstance(model.language_model.model.layers[0].mlp.up_proj, Int8Linear)
+    assert model.vision_tower.encoder.layers[0].mlp.fc1.__class__.__name__ == "Linear"  # vision stays float

@@ -159,14 +159,18 @@ class VLM(nn.Module):
 
         Called on :class:`VLM` it picks the family from ``config.json`` (see :mod:`torchvlm.registry`).
         The model is built on the meta device and every weight is read once, straight into ``dtype`` on
-        ``device`` (default: the checkpoint's dtype; float16 becomes bfloat16 on CPU).
+        ``device`` (default: the checkpoint's dtype; float16 becomes bfloat16 on CPU). ``quantize="int8"`` or
+        ``"int4"`` then stores the language model's linear weights as integers (docs/quantization.md).
         """
         from .. import registry
         from ..hub import read_config, read_json, resolve_model_path
         from ..loading import SafetensorsSource, check_device, load_weights
 
         if quantize is not None:
-            raise ConfigError(f"quantize='{quantize}' is not available yet (weight-only int8/int4 is planned)")
+            from ..nn.quant import SUPPORTED_MODES
+
+            if quantize not in SUPPORTED_MODES:
+                raise ConfigError(f"quantize: mode '{quantize}' is not supported ({', '.join(SUPPORTED_MODES)})")
         path = resolve_model_path(model_id, revision=revision, local_files_only=local_files_only)
         if path.is_file() and path.suffix == ".gguf":
             from ..gguf import GGUFSource, gguf_config, gguf_generation_config
@@ -189,6 +193,10 @@ class VLM(nn.Module):
         load_weights(model, source, model.weight_map, dtype=dtype, device=device)
         model.name_or_path = str(path)
         model.generation_config = generation_config
+        if quantize is not None:  # weight-only int8/int4 of the language model (torchvlm.nn.quant)
+            from ..nn.quant import quantize_model
+
+            quantize_model(model, quantize)
         return model.eval()
 
     @classmethod
