@@ -71,3 +71,12 @@ def test_generate_quantized(llava_dir, capsys):
 
     assert isinstance(model.language_model.model.layers[0].mlp.up_proj, Int8Linear)
     assert model.vision_tower.encoder.layers[0].mlp.fc1.__class__.__name__ == "Linear"  # vision stays float
+
+
+def test_quantized_model_is_not_saved(llava_dir, tmp_path):
+    from torchvlm.errors import ConfigError
+
+    model, _ = torchvlm.load(llava_dir, quantize="int4")
+    with pytest.raises(ConfigError, match="quantized"):
+        model.save_pretrained(tmp_path)
+    assert not any(tmp_path.iterdir())
