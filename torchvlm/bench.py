@@ -336,13 +336,13 @@ def _run_torchvlm(spec: dict, res: dict) -> None:
     from .models.base import VLM
 
     t0 = time.perf_counter()
-    model = VLM.from_pretrained(spec["weights"], dtype=spec["dtype"])
-    if spec.get("quantize"):
+    if spec.get("quantize") and spec.get("quantize_head"):  # tied head in the same mode as the layers
         from .nn.quant import quantize_model
 
-        extra = {"tied_head": True} if spec.get("quantize_head") else {}
-        out = quantize_model(model, spec["quantize"], **extra)
-        model = out if out is not None else model
+        model = quantize_model(VLM.from_pretrained(spec["weights"], dtype=spec["dtype"]), spec["quantize"],
+                               tied_head=True)
+    else:  # the production path (a tied head gets an int8 copy when quantizing)
+        model = VLM.from_pretrained(spec["weights"], dtype=spec["dtype"], quantize=spec.get("quantize"))
     res["load_s"] = time.perf_counter() - t0
     res["rss_after_load_mb"] = _proc_status("VmRSS")
     lm = model.language_model
