@@ -992,14 +992,9 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point (``python -m torchvlm.bench``, ``benchmarks/bench_decode.py``)."""
     p = _configure(argparse.ArgumentParser(prog="torchvlm bench", description=__doc__.split("\n\n")[0]))
-    ns = p.parse_args(argv)
-    try:
-        return ns.func(ns)
-    except TorchVLMError as e:
-        if os.environ.get("TORCHVLM_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from .cli import run_command
+
+    return run_command(p.parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

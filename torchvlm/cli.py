@@ -217,8 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``torchvlm`` command."""
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    return run_command(build_parser().parse_args(argv))
+
+
+def run_command(ns: argparse.Namespace) -> int:
+    """Run a parsed command; a user error becomes one ``error: ...`` line and exit status 2."""
     try:
         return ns.func(ns)
     except TorchVLMError as e:
