@@ -237,6 +237,19 @@ class ConfigReader:
             raise self.fail(key, "true or false", value)
         return value
 
+    def flavour(self, kind: str, default: str, flavours: dict, defaults: dict) -> tuple[str, dict]:
+        """Read ``model_type`` (``default`` when absent), check it has a table entry (else
+        UnknownArchitectureError naming the field), switch this reader to that type's defaults and return
+        ``(model_type, flavour)``."""
+        model_type = self.string("model_type", default=default)
+        if model_type not in flavours:
+            raise UnknownArchitectureError(
+                f"{self.where}: field '{self.path('model_type')}': {kind} model_type '{model_type}' is not "
+                f"supported (supported: {', '.join(sorted(flavours))})"
+            )
+        self.defaults = defaults[model_type]
+        return model_type, flavours[model_type]
+
     def string(self, key: str, *, choices: tuple[str, ...] | None = None, default: Any = _MISSING) -> str:
         """A string (one of ``choices`` when given)."""
         value = self.raw(key, default)
@@ -417,14 +430,7 @@ class TextConfig:
         field and UnknownArchitectureError for a text ``model_type`` without a table entry.
         """
         r = ConfigReader(cfg, where, prefix)
-        model_type = r.string("model_type", default="llama")
-        if model_type not in TEXT_FLAVOURS:
-            raise UnknownArchitectureError(
-                f"{where}: field '{r.path('model_type')}': text model_type '{model_type}' is not supported "
-                f"(supported: {', '.join(sorted(TEXT_FLAVOURS))})"
-            )
-        flavour = TEXT_FLAVOURS[model_type]
-        r.defaults = TEXT_DEFAULTS[model_type]
+        model_type, flavour = r.flavour("text", "llama", TEXT_FLAVOURS, TEXT_DEFAULTS)
         hidden = r.integer("hidden_size")
         heads = r.integer("num_attention_heads")
         kv_heads = r.integer("num_key_value_heads", optional=True) or heads
@@ -503,14 +509,7 @@ class VisionConfig:
         ``model_type`` itself defaults to ``"clip_vision_model"``. Errors name ``where`` and ``prefix.<field>``.
         """
         r = ConfigReader(cfg, where, prefix)
-        model_type = r.string("model_type", default="clip_vision_model")
-        if model_type not in VISION_FLAVOURS:
-            raise UnknownArchitectureError(
-                f"{where}: field '{r.path('model_type')}': vision model_type '{model_type}' is not supported "
-                f"(supported: {', '.join(sorted(VISION_FLAVOURS))})"
-            )
-        flavour = VISION_FLAVOURS[model_type]
-        r.defaults = VISION_DEFAULTS[model_type]
+        model_type, flavour = r.flavour("vision", "clip_vision_model", VISION_FLAVOURS, VISION_DEFAULTS)
         hidden, heads = r.integer("hidden_size"), r.integer("num_attention_heads")
         if hidden % heads:
             raise ConfigError(f"{where}: field '{r.path('hidden_size')}' ({hidden}) must be a multiple of "
