@@ -55,6 +55,7 @@ class _Request:
     stop: StopChecker | None = None
     decoder: Any = None
     generated: list[int] = field(default_factory=list)
+    history: Tensor | None = None  # prompt + generated ids, preallocated (the repetition penalty reads it)
     length: int = 0  # tokens in the cache
     position: int = 0  # rope position of the next token
     last: int | None = None  # sampled token not yet fed to the model
@@ -301,8 +302,13 @@ class Engine:
         return lm.logits(hidden[:, -1])
 
     def _accept(self, req: _Request, logits: Tensor) -> RequestOutput:
-        prev = torch.cat([req.input_ids, torch.tensor(req.generated, dtype=torch.long, device=req.input_ids.device)])
-        token = int(req.sampler(logits, prev[None]))
+        if req.history is None:
+            req.history = torch.empty(len(req.input_ids) + req.params.max_new_tokens, dtype=torch.long,
+                                      device=req.input_ids.device)
+            req.history[: len(req.input_ids)] = req.input_ids
+        seen = len(req.input_ids) + len(req.generated)
+        token = int(req.sampler(logits, req.history[None, :seen]))
+        req.history[seen] = token
         req.generated.append(token)
         req.last = token
         out = RequestOutput(request_id=req.id, token_id=token)
