@@ -33,14 +33,25 @@ from .nn.rope import SUPPORTED_ROPE_TYPES
 #:   ``i >= max_window_layers`` slide).
 #: * ``window_switch``: a bool field that must be true for ``sliding_window`` to apply at all.
 #: * ``gemma2_attention``: read ``query_pre_attn_scalar`` and the attention / final logit soft-caps.
+#: * ``qk_norm``: RMSNorm over each head of q and k before rope (Qwen3).
+#: * ``mrope``: multimodal rope over (temporal, height, width) positions: ``"chunked"`` (Qwen2-VL: consecutive
+#:   frequency sections) or ``"interleaved"`` (Qwen3-VL), with ``mrope_section`` read from the rope parameters
+#:   (``default_mrope_section`` when absent).
+_QWEN2 = {"qkv_bias": True, "o_bias": False, "mlp_bias": False, "act_field": "hidden_act", "window": "layer_types",
+          "window_switch": "use_sliding_window", "default_layer_types": "from_max_window_layers"}
+_QWEN3 = {"qkv_bias": "attention_bias", "o_bias": "attention_bias", "mlp_bias": False, "act_field": "hidden_act",
+          "qk_norm": True}
 TEXT_FLAVOURS: dict[str, dict[str, Any]] = {
     "llama": {"qkv_bias": "attention_bias", "o_bias": "attention_bias", "mlp_bias": "mlp_bias",
               "act_field": "hidden_act", "window": "none"},
     "mistral": {"qkv_bias": False, "o_bias": False, "mlp_bias": False, "act_field": "hidden_act",
                 "window": "every_layer"},
-    "qwen2": {"qkv_bias": True, "o_bias": False, "mlp_bias": False, "act_field": "hidden_act",
-              "window": "layer_types", "window_switch": "use_sliding_window",
+    "qwen2": _QWEN2,
+    "qwen3": {**_QWEN3, "window": "layer_types", "window_switch": "use_sliding_window",
               "default_layer_types": "from_max_window_layers"},
+    "qwen2_vl_text": {**_QWEN2, "mrope": "chunked", "default_mrope_section": [16, 24, 24]},
+    "qwen2_5_vl_text": {**_QWEN2, "mrope": "chunked", "default_mrope_section": [16, 24, 24]},
+    "qwen3_vl_text": {**_QWEN3, "window": "none", "mrope": "interleaved", "default_mrope_section": [24, 20, 20]},
     "gemma": {"qkv_bias": "attention_bias", "o_bias": "attention_bias", "mlp_bias": False,
               "act_field": "hidden_act", "act_aliases": {"gelu": "gelu_pytorch_tanh"}, "window": "none",
               "norm_unit_offset": True, "embed_scale": True},
@@ -50,9 +61,18 @@ TEXT_FLAVOURS: dict[str, dict[str, Any]] = {
 }
 
 #: What a text config field left out (or null) means, per ``model_type``: the defaults of the HF config
-#: classes (``LlamaConfig``, ``MistralConfig``, ``Qwen2Config``, ``GemmaConfig``, ``Gemma2Config``).
+#: classes (``LlamaConfig``, ``MistralConfig``, ``Qwen2Config``, ``Qwen3Config``, the ``Qwen*VLTextConfig`` s,
+#: ``GemmaConfig``, ``Gemma2Config``).
 #: ``None`` for ``num_key_value_heads`` / ``head_dim`` means "derived": ``num_attention_heads`` and
 #: ``hidden_size // num_attention_heads``; ``None`` for ``layer_types`` means "from the flavour's rule".
+_QWEN2_VL_TEXT = {
+    "vocab_size": 152064, "hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": None, "hidden_act": "silu",
+    "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
+    "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 4096,
+    "max_window_layers": 80, "layer_types": None,
+    "pad_token_id": None, "bos_token_id": 151643, "eos_token_id": 151645,
+}
 TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {
         "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -74,6 +94,23 @@ TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
         "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 4096,
         "max_window_layers": 28, "layer_types": None,
+        "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+    },
+    "qwen3": {
+        "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128, "hidden_act": "silu",
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "attention_bias": False, "use_sliding_window": False, "sliding_window": 4096,
+        "max_window_layers": 28, "layer_types": None,
+        "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+    },
+    "qwen2_vl_text": _QWEN2_VL_TEXT,
+    "qwen2_5_vl_text": _QWEN2_VL_TEXT,
+    "qwen3_vl_text": {
+        "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128, "hidden_act": "silu",
+        "max_position_embeddings": 128000, "rms_norm_eps": 1e-6, "rope_theta": 500000.0,
+        "tie_word_embeddings": False, "attention_bias": False,
         "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
     },
     "gemma": {
@@ -121,7 +158,7 @@ VISION_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
-#: Top-level defaults of the VLM config classes (HF ``LlavaConfig`` / ``PaliGemmaConfig``).
+#: Top-level defaults of the VLM config classes (HF ``LlavaConfig`` / ``PaliGemmaConfig`` / ``Qwen*VLConfig``).
 #: ``image_token_id`` is read as another name of ``image_token_index``.
 VLM_DEFAULTS: dict[str, dict[str, Any]] = {
     "llava": {
@@ -129,6 +166,9 @@ VLM_DEFAULTS: dict[str, dict[str, Any]] = {
         "vision_feature_layer": -2, "multimodal_projector_bias": True, "tie_word_embeddings": False,
     },
     "paligemma": {"image_token_index": 256000, "projection_dim": 2048, "tie_word_embeddings": True},
+    **{family: {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+                "vision_end_token_id": 151653, "tie_word_embeddings": False}
+       for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")},
 }
 
 #: Sub-configs of a VLM: ``(default model_type, fields used when the whole sub-config is absent)``.
@@ -328,7 +368,7 @@ def _rope(r: ConfigReader) -> tuple[float, dict | None]:
     theta = params.number("rope_theta", default=theta)
     kind_key = "rope_type" if params.cfg.get("rope_type") is not None else "type"
     kind = params.string(kind_key, default="default")
-    if kind == "default":
+    if kind in ("default", "mrope"):  # "mrope" (Qwen2-VL's v4 configs) is the default rope over 3-D positions
         return theta, None
     if kind not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"{r.where}: field '{params.path(kind_key)}': rope type '{kind}' is not supported "
@@ -405,6 +445,9 @@ class TextConfig:
     query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (Gemma 2)
     sliding_window: int | None = None
     layer_types: list[str] = field(default_factory=list)  # "full_attention" | "sliding_attention" per layer
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before rope
+    mrope_section: list[int] | None = None  # multimodal rope: rope frequencies per (t, h, w) component
+    mrope_interleaved: bool = False  # Qwen3-VL: components interleaved over frequencies, not in sections
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -447,6 +490,7 @@ class TextConfig:
         theta, scaling = _rope(r)
         sliding, layer_types = _windows(r, flavour, n_layers)
         gemma2 = flavour.get("gemma2_attention", False)
+        mrope_section = _mrope_section(r, flavour, head_dim) if flavour.get("mrope") else None
         return cls(
             vocab_size=r.integer("vocab_size"),
             hidden_size=hidden,
@@ -475,8 +519,29 @@ class TextConfig:
             bos_token_id=r.token_ids("bos_token_id"),
             eos_token_id=r.token_ids("eos_token_id"),
             pad_token_id=r.token_ids("pad_token_id"),
+            qk_norm=flavour.get("qk_norm", False),
+            mrope_section=mrope_section,
+            mrope_interleaved=flavour.get("mrope") == "interleaved",
             model_type=model_type,
         )
+
+
+def _mrope_section(r: ConfigReader, flavour: Mapping[str, Any], head_dim: int) -> list[int]:
+    """``mrope_section`` from ``rope_parameters`` (v5) or ``rope_scaling`` (v4), else the flavour's default."""
+    key, section = None, None
+    for name in ("rope_parameters", "rope_scaling"):
+        sub = r.sub(name)
+        if sub is not None and sub.cfg.get("mrope_section") is not None:
+            key, section = sub.path("mrope_section"), sub.cfg["mrope_section"]
+            break
+    if section is None:
+        return list(flavour["default_mrope_section"])
+    if (not isinstance(section, list) or len(section) != 3
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in section)):
+        raise ConfigError(f"{r.where}: field '{key}' must be a list of 3 non-negative ints (got {_show(section)})")
+    if flavour["mrope"] == "chunked" and sum(section) != head_dim // 2:
+        raise ConfigError(f"{r.where}: field '{key}' ({section}) must sum to head_dim / 2 ({head_dim // 2})")
+    return section
 
 
 @dataclass

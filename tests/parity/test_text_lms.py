@@ -1,4 +1,4 @@
-"""Parity of plain text decoders (Llama, Mistral, Qwen2, Gemma, Gemma 2) against HF transformers."""
+"""Parity of plain text decoders (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2) against HF transformers."""
 
 from __future__ import annotations
 
@@ -24,12 +24,13 @@ CASES = {
                                                       rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
     "mistral": lambda: transformers.MistralConfig(**COMMON, sliding_window=7),
     "qwen2": lambda: transformers.Qwen2Config(**COMMON, tie_word_embeddings=True),
+    "qwen3": lambda: transformers.Qwen3Config(**COMMON, head_dim=24),  # q/k norms; head_dim != hidden/heads
     "gemma": lambda: transformers.GemmaConfig(**COMMON, head_dim=16),
     "gemma2": lambda: transformers.Gemma2Config(**COMMON, head_dim=16, sliding_window=6, query_pre_attn_scalar=24,
                                                  attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
 }
 HF_CLASSES = {"llama": "LlamaForCausalLM", "llama_linear": "LlamaForCausalLM", "llama_dynamic": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-              "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
+              "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

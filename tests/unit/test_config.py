@@ -49,6 +49,11 @@ TEXT_CASES: dict[str, dict] = {
     "mistral-window": {"model_type": "mistral", "sliding_window": 16, "num_hidden_layers": 3,
                        "attention_bias": True},
     "qwen2-bare": {"model_type": "qwen2"},
+    "qwen3-bare": {"model_type": "qwen3"},
+    "qwen3-window": {"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 8, "num_hidden_layers": 4,
+                     "max_window_layers": 2, "attention_bias": True},
+    "qwen2-vl-text-bare": {"model_type": "qwen2_vl_text"},
+    "qwen3-vl-text-bare": {"model_type": "qwen3_vl_text"},
     "qwen2-window-off": {"model_type": "qwen2", "use_sliding_window": False, "sliding_window": 100,
                          "num_hidden_layers": 2},
     "qwen2-window-on": {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8,
@@ -151,7 +156,7 @@ def hf_text_meaning(hc) -> dict:
     n, heads = hc.num_hidden_layers, hc.num_attention_heads
     if mt == "mistral":  # every layer uses config.sliding_window
         windows = [hc.sliding_window] * n
-    elif mt in ("qwen2", "gemma2"):  # per layer_types
+    elif mt in ("qwen2", "qwen3", "qwen2_vl_text", "gemma2"):  # per layer_types
         windows = [hc.sliding_window if t == "sliding_attention" else None for t in hc.layer_types]
     else:  # llama, gemma: no windowed attention
         windows = [None] * n
@@ -164,11 +169,12 @@ def hf_text_meaning(hc) -> dict:
         head_dim=getattr(hc, "head_dim", None) or hc.hidden_size // heads,
         hidden_act=hc.hidden_activation if gemma2 else hc.hidden_act,
         rms_norm_eps=hc.rms_norm_eps, max_position_embeddings=hc.max_position_embeddings,
-        rope_theta=rope["rope_theta"], rope_scaling=scaling, tie_word_embeddings=hc.tie_word_embeddings,
+        rope_theta=rope["rope_theta"], rope_scaling=scaling, tie_word_embeddings=getattr(hc, "tie_word_embeddings", False),  # VL text configs: top level
         attn_logit_softcap=hc.attn_logit_softcapping if gemma2 else None,
         final_logit_softcap=hc.final_logit_softcapping if gemma2 else None,
         query_pre_attn_scalar=hc.query_pre_attn_scalar if gemma2 else None,
-        windows=windows, bos_token_id=hc.bos_token_id, eos_token_id=hc.eos_token_id, pad_token_id=hc.pad_token_id,
+        windows=windows, bos_token_id=getattr(hc, "bos_token_id", None), eos_token_id=getattr(hc, "eos_token_id", None),
+        pad_token_id=hc.pad_token_id,
     )
 
 
@@ -222,6 +228,7 @@ def test_vision_config_matches_hf(name):
 
 
 TEXT_LM_CASES = ["llama-gqa-bias", "llama-head-dim", "mistral-window", "qwen2-tied", "qwen2-window-on",
+                 "qwen3-window",
                  "gemma-paligemma", "gemma2-odd-layers"]
 
 

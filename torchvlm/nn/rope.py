@@ -5,6 +5,11 @@ position in the call), recomputed per forward in float32: a handful of tiny ops,
 ``model.to(bfloat16)`` could silently round and no state kept between calls.
 
 Supported ``rope_type`` values: ``default``, ``linear``, ``dynamic`` (NTK-aware), ``llama3``.
+
+Multimodal rope (M-RoPE, Qwen2-VL / Qwen3-VL) is the same rotation driven by 3-D positions ``[B, T, 3]``
+(temporal, height, width): each frequency takes its angle from one of the three components, chosen by
+:func:`mrope_components`. Where all three components are equal (text tokens) it is exactly the 1-D rope, so
+decode steps after the prompt pass plain ``[B, T]`` positions.
 """
 
 from __future__ import annotations
@@ -67,9 +72,30 @@ def _llama3(base: Tensor, s: dict) -> Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_cos_sin(positions: Tensor, freqs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos/sin tables ``[B, T, dim]`` for integer ``positions [B, T]``."""
-    angles = positions[..., None].float() * freqs  # [B, T, dim/2]
+def mrope_components(section: list[int], interleaved: bool, half_dim: int, device=None) -> Tensor:
+    """Which position component (0 = temporal, 1 = height, 2 = width) drives each of the ``half_dim``
+    frequencies: consecutive sections (Qwen2-VL: ``section[0]`` temporal, then height, then width) or
+    interleaved (Qwen3-VL: t, h, w, t, h, w, ... while each of h / w has frequencies left, then t)."""
+    i = torch.arange(half_dim, device=device)
+    if not interleaved:
+        bounds = torch.tensor(section, device=device).cumsum(0)
+        return torch.bucketize(i, bounds, right=True).clamp(max=2)
+    comp = torch.zeros(half_dim, dtype=torch.long, device=device)
+    for c in (1, 2):
+        comp[(i % 3 == c) & (i < 3 * section[c])] = c
+    return comp
+
+
+def rope_cos_sin(positions: Tensor, freqs: Tensor, dtype: torch.dtype,
+                 components: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """cos/sin tables ``[B, T, dim]`` for integer ``positions [B, T]``, or for 3-D positions ``[B, T, 3]`` with
+    the per-frequency ``components`` of :func:`mrope_components`."""
+    if positions.dim() == 3:
+        if components is None:
+            raise ValueError("3-D (multimodal) rope positions need the model's mrope components")
+        angles = positions.float()[..., components] * freqs  # [B, T, dim/2], angle i from component c(i)
+    else:
+        angles = positions[..., None].float() * freqs  # [B, T, dim/2]
     emb = torch.cat((angles, angles), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -18,7 +18,7 @@ from ..nn.attention import attention, build_mask
 from ..nn.kv_cache import KVCache
 from ..nn.mlp import GatedMLP
 from ..nn.norm import RMSNorm
-from ..nn.rope import apply_rope, check_rope_scaling, inv_freq, rope_cos_sin
+from ..nn.rope import apply_rope, check_rope_scaling, inv_freq, mrope_components, rope_cos_sin
 
 
 @dataclass
@@ -58,11 +58,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=cfg.o_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.norm_unit_offset)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.norm_unit_offset)
 
     def forward(self, x: Tensor, ctx: StepContext, cache: KVCache | None) -> Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if cache is not None:
@@ -132,7 +139,7 @@ class TextModel(nn.Module):
     ) -> StepContext:
         """Build the attention context of one step (rope tables and masks) from explicit inputs."""
         cfg = self.cfg
-        b, t = positions.shape
+        b, t = positions.shape[:2]
         end = start + t if slots is None else kv_len
         freqs = inv_freq(
             cfg.head_dim,
@@ -143,7 +150,12 @@ class TextModel(nn.Module):
             max_position_embeddings=cfg.max_position_embeddings,
             device=positions.device,
         )
-        cos, sin = rope_cos_sin(positions, freqs, dtype)
+        components = None
+        if positions.dim() == 3:
+            if cfg.mrope_section is None:
+                raise ValueError("3-D rope positions given to a decoder without multimodal rope (mrope_section)")
+            components = mrope_components(cfg.mrope_section, cfg.mrope_interleaved, freqs.shape[0], positions.device)
+        cos, sin = rope_cos_sin(positions, freqs, dtype, components)
         plain = key_valid is None and prefix_len is None and causal and slots is None
         masks: dict = {}
         for w in self.windows:
@@ -173,13 +185,15 @@ class TextModel(nn.Module):
         key_valid: Tensor | None = None,
         prefix_len: Tensor | None = None,
         causal: bool = True,
+        layer_adds: tuple[Tensor, ...] | None = None,
         output_hidden_states: bool = False,
     ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
         """Run the decoder.
 
         Args:
             inputs_embeds: ``[B, T, D]`` (already scaled; see :meth:`embed`).
-            positions: rope positions ``[B, T]``.
+            positions: rope positions ``[B, T]``, or ``[B, T, 3]`` (temporal, height, width) for a decoder with
+                multimodal rope (``TextConfig.mrope_section``).
             cache: KV cache to write slots ``start .. start+T`` into (and to attend over), or None.
             start: first slot of this step in the cache (0 without a cache).
             slots: instead of ``start``, for a one-token step: ``[B]`` cache slot of each row (rows at
@@ -189,6 +203,8 @@ class TextModel(nn.Module):
             key_valid: ``[B, start+T]`` (or ``[B, kv_len]``) bool, False for padding / unused slots.
             prefix_len: ``[B]`` end slot of a bidirectional prefix (prefix-LM), or None.
             causal: False for fully bidirectional attention.
+            layer_adds: ``[B, T, D]`` tensors added to the outputs of layers 0, 1, ... (Qwen3-VL's DeepStack
+                visual features, zero away from the image tokens).
             output_hidden_states: also return the input of every layer and the final normed output.
 
         Returns:
@@ -202,10 +218,13 @@ class TextModel(nn.Module):
         )
         h = inputs_embeds
         states = [] if output_hidden_states else None
-        for layer in self.layers:
+        adds = layer_adds or ()
+        for i, layer in enumerate(self.layers):
             if states is not None:
                 states.append(h)
             h = layer(h, ctx, cache)
+            if i < len(adds):
+                h = h + adds[i]
         h = self.norm(h)
         if states is not None:
             states.append(h)
