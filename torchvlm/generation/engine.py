@@ -62,7 +62,7 @@ class _Request:
 
 
 class ImageFeatureCache:
-    """LRU map: hash of (pixel bytes, shape, dtype) -> image features."""
+    """LRU map: hash of (pixel bytes, shape, dtype, and the other tensor inputs of the image) -> features."""
 
     def __init__(self, capacity: int = 32):
         self.capacity = capacity
@@ -70,16 +70,21 @@ class ImageFeatureCache:
         self.hits = self.misses = 0
 
     @staticmethod
-    def key(pixel_values: Tensor) -> str:
-        t = pixel_values.detach().contiguous().cpu()
-        h = hashlib.sha256(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    def key(pixel_values: Tensor, extra: dict | None = None) -> str:
+        """Hash of the pixels and of the tensor inputs that shape their features (e.g. ``image_grid_thw``)."""
+        h = hashlib.sha256()
+        named = [("pixel_values", pixel_values)] + sorted((k, v) for k, v in (extra or {}).items()
+                                                         if isinstance(v, Tensor))
+        for name, value in named:
+            t = value.detach().contiguous().cpu()
+            h.update(str((name, tuple(t.shape), str(t.dtype))).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return h.hexdigest()
 
     def get_or_compute(self, model, pixel_values: Tensor, **extra):
         if self.capacity <= 0:
             return model.encode_image(pixel_values, **extra)
-        key = self.key(pixel_values)
+        key = self.key(pixel_values, extra)
         if key in self._items:
             self.hits += 1
             self._items.move_to_end(key)
@@ -249,9 +254,9 @@ class Engine:
         ids = req.input_ids[None]
         extra = dict(req.model_inputs)
         pixel_values = extra.pop("pixel_values", None)
-        if pixel_values is not None:
-            feats = self.image_cache.get_or_compute(model, pixel_values, **extra)
-            extra["image_features"] = feats
+        if pixel_values is not None:  # the image's own inputs (e.g. its grid) travel with it and key the cache
+            image_inputs = {k: extra.pop(k) for k in model.image_inputs if k in extra}
+            extra["image_features"] = self.image_cache.get_or_compute(model, pixel_values, **image_inputs)
         inputs = model.prepare_inputs(ids, torch.ones_like(ids), **extra)
         cache = self.cache.rows(row)
         token_list = req.input_ids.tolist()
@@ -262,20 +267,21 @@ class Engine:
                 k[0, :, :reuse] = ks[:, :reuse]
                 v[0, :, :reuse] = vs[:, :reuse]
             self.prefix_cache.reused_tokens += reuse
+        kwargs = inputs.decoder_kwargs(reuse)
         hidden, _ = lm.model(inputs.embeds[:, reuse:], inputs.positions[:, reuse:], cache=cache, start=reuse,
-                             prefix_len=inputs.prefix_len)
+                             prefix_len=kwargs["prefix_len"], layer_adds=kwargs["layer_adds"])
         if self.prefix_cache is not None and inputs.prefix_len is None:
             n = self._text_prefix_len(token_list)
             self.prefix_cache.store(token_list[:n], [k[0, :, :n].clone() for k in cache.k],
                                     [v[0, :, :n].clone() for v in cache.v])
         req.length = ids.shape[1]
-        req.position = int(inputs.positions[0, -1]) + 1
+        req.position = int(inputs.last_positions()[0, 0]) + 1
         return lm.logits(hidden[:, -1])
 
     def _text_prefix_len(self, ids: list[int]) -> int:
-        """Tokens before the first image token (image tokens of equal ids may carry different images)."""
-        image = self.model.image_token_id
-        return ids.index(image) if image is not None and image in ids else len(ids)
+        """Tokens before the first image / video token (equal media token ids may carry different media)."""
+        media = [ids.index(t) for t in self.model.media_token_ids if t in ids]
+        return min(media, default=len(ids))
 
     def _reusable_prefix(self, ids: list[int], inputs) -> tuple[int, tuple[int, ...] | None]:
         if self.prefix_cache is None or inputs.prefix_len is not None:

@@ -127,9 +127,7 @@ def stream_generate(
 
     inputs = model.prepare_inputs(input_ids, attention_mask, **kwargs)
     cache = lm.new_cache(b, total)
-    hidden, _ = lm.model(
-        inputs.embeds, inputs.positions, cache=cache, start=0, key_valid=inputs.key_valid, prefix_len=inputs.prefix_len
-    )
+    hidden, _ = lm.model(inputs.embeds, inputs.positions, cache=cache, start=0, **inputs.decoder_kwargs())
     logits = lm.logits(hidden[:, -1])
 
     # Preallocated history (for the repetition penalty) and key validity; slices of them are passed on.
@@ -147,7 +145,7 @@ def stream_generate(
     decoders = [tokenizer.stream_decoder() for _ in range(b)] if tokenizer is not None else None
     finished = [False] * b
     reasons: list[str | None] = [None] * b
-    positions = inputs.positions[:, -1:]
+    positions = inputs.last_positions()  # decode steps continue from here with plain [B, 1] positions
 
     for step in range(params.max_new_tokens):
         end = t + step

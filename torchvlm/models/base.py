@@ -48,15 +48,29 @@ class ModelInputs:
 
     Attributes:
         embeds: ``[B, T, D]`` token embeddings with image features merged in.
-        positions: rope positions ``[B, T]``.
+        positions: rope positions ``[B, T]`` (``[B, T, 3]`` for multimodal rope).
         key_valid: ``[B, T]`` bool (False on padding) or None when nothing is padded.
         prefix_len: ``[B]`` end of a bidirectional prefix (prefix-LM), or None.
+        layer_adds: ``[B, T, D]`` tensors added after decoder layers 0, 1, ... (Qwen3-VL DeepStack), or None.
     """
 
     embeds: Tensor
     positions: Tensor
     key_valid: Tensor | None = None
     prefix_len: Tensor | None = None
+    layer_adds: tuple[Tensor, ...] | None = None
+
+    def decoder_kwargs(self, start: int = 0) -> dict:
+        """Keyword arguments of :meth:`TextModel.forward` beyond embeddings and positions, for the tokens from
+        ``start`` on (a prefill that reuses cached keys for the first ``start`` tokens)."""
+        adds = None if self.layer_adds is None else tuple(a[:, start:] for a in self.layer_adds)
+        return {"key_valid": self.key_valid, "prefix_len": self.prefix_len, "layer_adds": adds}
+
+    def last_positions(self) -> Tensor:
+        """``[B, 1]`` rope position of each row's last prompt token; decoding continues from it + 1 (for
+        multimodal rope the largest component over the prompt, as HF's ``rope_deltas`` does)."""
+        p = self.positions.amax(-1) if self.positions.dim() == 3 else self.positions
+        return p.amax(1, keepdim=True)
 
 
 @dataclass
@@ -74,18 +88,52 @@ class ImageFeatures:
     """Image features in the language model's embedding space.
 
     Attributes:
-        tokens: ``[N_images, N_tokens, D]``.
+        tokens: ``[N_images, N_tokens, D]``; for images with different token counts (Qwen-VL's dynamic
+            resolution) ``[1, sum of counts, D]`` with ``counts`` giving each image's share.
         grid: ``(rows, cols)`` of the token grid when the tokens form one (``rows * cols == N_tokens``).
+        counts: tokens per image when they differ (see ``tokens``), else None.
+        grids: per image ``(frames, rows, cols)`` of its token grid, when images differ in size.
+        deepstack: extra per-token features injected into early decoder layers (Qwen3-VL), shaped like
+            ``tokens``; empty for other families.
     """
 
     tokens: Tensor
     grid: tuple[int, int] | None = None
+    counts: list[int] | None = None
+    grids: list[tuple[int, int, int]] | None = None
+    deepstack: tuple[Tensor, ...] = ()
+
+    def per_image(self) -> list[Tensor]:
+        """One ``[N_tokens_i, D]`` tensor per image."""
+        if self.counts is None:
+            return list(self.tokens)
+        return list(self.tokens[0].split(self.counts))
 
     def spatial(self) -> Tensor:
         """Tokens as a grid ``[N_images, rows, cols, D]``."""
         if self.grid is None:
             raise ValueError("these image features have no spatial grid")
         return self.tokens.reshape(self.tokens.shape[0], *self.grid, self.tokens.shape[-1])
+
+
+def scatter_features(
+    embeds: Tensor, slots: Tensor, feats: ImageFeatures | Tensor | None, kind: str = "image"
+) -> Tensor:
+    """``embeds`` with the rows of ``feats`` (``ImageFeatures`` or a ``[..., D]`` tensor) written, in order, at
+    the ``slots`` (``[B, T]`` bool) positions. A count mismatch is a ProcessorError naming both counts."""
+    n_slots = int(slots.sum())
+    if feats is None and not n_slots:
+        return embeds
+    tokens = feats.tokens if isinstance(feats, ImageFeatures) else feats
+    flat = None if tokens is None else tokens.reshape(-1, embeds.shape[-1])
+    n_feats = 0 if flat is None else flat.shape[0]
+    if n_feats != n_slots:
+        n_items = 0 if tokens is None else (len(feats.counts) if getattr(feats, "counts", None) else tokens.shape[0])
+        raise ProcessorError(
+            f"{kind} features and {kind} tokens do not match: {n_slots} {kind} tokens in the prompt, "
+            f"{n_feats} {kind} features ({n_items} {kind}s)"
+        )
+    return embeds.masked_scatter(slots[..., None], flat.to(embeds.dtype))
 
 
 DTYPES = {
@@ -132,6 +180,10 @@ class VLM(nn.Module):
     num_image_tokens: int | None = None
     #: model inputs a family accepts besides input_ids / attention_mask / pixel_values / image_features
     extra_inputs: ClassVar[tuple[str, ...]] = ()
+    #: of those, the ones that belong to ``pixel_values`` (passed with it to :meth:`encode_image`)
+    image_inputs: ClassVar[tuple[str, ...]] = ()
+    #: token id marking video positions (None: the family takes no video)
+    video_token_id: int | None = None
 
     def __init__(self, config: dict, text_config: TextConfig):
         super().__init__()
@@ -238,6 +290,11 @@ class VLM(nn.Module):
         return self.language_model.model.embed_tokens.weight.dtype
 
     @property
+    def media_token_ids(self) -> tuple[int, ...]:
+        """Token ids that stand for image / video features in a prompt."""
+        return tuple(t for t in (self.image_token_id, self.video_token_id) if t is not None)
+
+    @property
     def device(self) -> torch.device:
         """Device of the model's weights (of its token embeddings)."""
         return self.language_model.model.embed_tokens.weight.device
@@ -270,9 +327,7 @@ class VLM(nn.Module):
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Final (normed) decoder hidden states ``[B, T, D]`` of a text-only input."""
         inputs = self.prepare_inputs(input_ids, attention_mask)
-        hidden, _ = self.language_model.model(
-            inputs.embeds, inputs.positions, key_valid=inputs.key_valid, prefix_len=inputs.prefix_len
-        )
+        hidden, _ = self.language_model.model(inputs.embeds, inputs.positions, **inputs.decoder_kwargs())
         return hidden
 
     def family_inputs(self, input_ids: Tensor, attention_mask: Tensor, **extra) -> dict:
@@ -289,11 +344,7 @@ class VLM(nn.Module):
         **extra,
     ) -> ModelInputs:
         """Embeddings with image features merged at the image-token positions, rope positions and masks."""
-        unknown = sorted(set(extra) - set(self.extra_inputs))
-        if unknown:
-            accepted = ", ".join(("pixel_values", "image_features") + self.extra_inputs)
-            raise ProcessorError(f"{type(self).__name__} got unexpected input(s) {', '.join(map(repr, unknown))} "
-                                 f"(model inputs: input_ids, attention_mask, {accepted})")
+        self.check_inputs(extra)
         lm = self.language_model.model
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -302,16 +353,8 @@ class VLM(nn.Module):
         embeds = lm.embed(ids)
         if pixel_values is not None and image_features is None:
             image_features = self.encode_image(pixel_values, **extra)
-        n_slots = int(is_image.sum()) if is_image is not None else 0
-        if image_features is not None or n_slots:
-            feats = image_features.tokens if image_features is not None else None
-            n_feats = feats.shape[0] * feats.shape[1] if feats is not None else 0
-            if n_feats != n_slots:
-                raise ProcessorError(
-                    f"image features and image tokens do not match: {n_slots} image tokens in the prompt, "
-                    f"{n_feats} image features ({0 if feats is None else feats.shape[0]} images)"
-                )
-            embeds = embeds.masked_scatter(is_image[..., None], feats.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+        if is_image is not None:
+            embeds = scatter_features(embeds, is_image, image_features)
         mask = attention_mask.bool()
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + self.position_offset
         padded = not bool(mask.all())
@@ -321,6 +364,14 @@ class VLM(nn.Module):
             key_valid=mask if padded else None,
             **self.family_inputs(input_ids, attention_mask, **extra),
         )
+
+    def check_inputs(self, extra: dict) -> None:
+        """Refuse model inputs the family does not take, naming them and the accepted ones."""
+        unknown = sorted(set(extra) - set(self.extra_inputs))
+        if unknown:
+            accepted = ", ".join(("pixel_values", "image_features") + self.extra_inputs)
+            raise ProcessorError(f"{type(self).__name__} got unexpected input(s) {', '.join(map(repr, unknown))} "
+                                 f"(model inputs: input_ids, attention_mask, {accepted})")
 
     def forward(
         self,
@@ -336,11 +387,7 @@ class VLM(nn.Module):
         cross-entropy over label positions that are not ``-100`` (labels are shifted inside, as in HF)."""
         inputs = self.prepare_inputs(input_ids, attention_mask, pixel_values, **extra)
         hidden, states = self.language_model.model(
-            inputs.embeds,
-            inputs.positions,
-            key_valid=inputs.key_valid,
-            prefix_len=inputs.prefix_len,
-            output_hidden_states=output_hidden_states,
+            inputs.embeds, inputs.positions, output_hidden_states=output_hidden_states, **inputs.decoder_kwargs()
         )
         logits = self.language_model.logits(hidden)
         loss = None
