@@ -14,10 +14,14 @@ from .errors import UnknownArchitectureError
 FAMILIES: dict[str, str] = {
     "llava": "torchvlm.models.llava.model:LlavaModel",
     "paligemma": "torchvlm.models.paligemma.model:PaliGemmaModel",
+    "qwen2_vl": "torchvlm.models.qwen_vl.model:QwenVLModel",
+    "qwen2_5_vl": "torchvlm.models.qwen_vl.model:QwenVLModel",
+    "qwen3_vl": "torchvlm.models.qwen_vl.model:QwenVLModel",
     # plain decoders: text chat and LM backbones (one class, the decoder flags come from config.TEXT_FLAVOURS)
     "llama": "torchvlm.models.text_lm:TextLM",
     "mistral": "torchvlm.models.text_lm:TextLM",
     "qwen2": "torchvlm.models.text_lm:TextLM",
+    "qwen3": "torchvlm.models.text_lm:TextLM",
     "gemma": "torchvlm.models.text_lm:TextLM",
     "gemma2": "torchvlm.models.text_lm:TextLM",
 }
@@ -26,9 +30,13 @@ FAMILIES: dict[str, str] = {
 ARCHITECTURES: dict[str, str] = {
     "LlavaForConditionalGeneration": "llava",
     "PaliGemmaForConditionalGeneration": "paligemma",
+    "Qwen2VLForConditionalGeneration": "qwen2_vl",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+    "Qwen3VLForConditionalGeneration": "qwen3_vl",
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
 }
