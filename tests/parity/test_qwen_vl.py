@@ -21,7 +21,8 @@ PATCH, MERGE, TEMPORAL = 4, 2, 2
 PATCH_DIM = 3 * TEMPORAL * PATCH * PATCH
 
 TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, pad_token_id=0)
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2)
 TOKENS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
 
 
@@ -225,3 +226,25 @@ def test_loss_and_freeze_connector(pair):
         ours.unfreeze()
         ours.zero_grad(set_to_none=True)
         ours.requires_grad_(False)
+
+
+def test_engine_matches_generate(pair):
+    """Continuous batching with images of different sizes, and a video (fp32: exact)."""
+    from torchvlm.generation.engine import Engine
+    from torchvlm.generation.sampling import SamplingParams
+
+    _, ours, _ = pair
+    apart = ours.rules["frames_apart"]
+    batches = [_batch(images=[(1, 4, 6)], seed=7, frames_apart=apart),
+               _batch(images=[(1, 4, 6)], seed=7, frames_apart=apart),  # same image again: feature cache hit
+               _batch(images=[(1, 2, 2)], videos=[(2, 2, 4)], seed=8, frames_apart=apart)]
+    engine = Engine(ours, max_batch_size=2, max_len=128)
+    ids = []
+    for b in batches:
+        inputs = {k: v for k, v in b.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        ids.append(engine.add_request(b["input_ids"], params=SamplingParams(max_new_tokens=6), ignore_eos=True,
+                                      **inputs))
+    got = engine.run()
+    assert engine.image_cache.hits >= 1
+    for rid, b in zip(ids, batches):
+        assert got[rid] == ours.generate(**b, max_new_tokens=6, ignore_eos=True)[0].tolist()

@@ -255,7 +255,7 @@ class Engine:
         extra = dict(req.model_inputs)
         pixel_values = extra.pop("pixel_values", None)
         if pixel_values is not None:  # the image's own inputs (e.g. its grid) travel with it and key the cache
-            image_inputs = {k: extra.pop(k) for k in model.image_inputs if k in extra}
+            image_inputs = {k: extra[k] for k in model.image_inputs if k in extra}
             extra["image_features"] = self.image_cache.get_or_compute(model, pixel_values, **image_inputs)
         inputs = model.prepare_inputs(ids, torch.ones_like(ids), **extra)
         cache = self.cache.rows(row)
