@@ -380,3 +380,56 @@ def test_unknown_sub_model_types():
 def test_gated_mlp_names_the_activation_field():
     with pytest.raises(ConfigError, match="^text_config.hidden_act: activation 'mystery'"):
         GatedMLP(4, 8, "mystery", where="text_config.hidden_act")
+
+
+# ------------------------------------------------------------------------------------------ Qwen-VL
+# the hub's Qwen2-VL-2B-Instruct config.json (transformers 4 layout: text fields at the top level)
+QWEN2_VL_2B = {
+    "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "hidden_size": 1536,
+    "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+    "vocab_size": 151936, "max_position_embeddings": 32768, "max_window_layers": 28, "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0, "sliding_window": 32768, "use_sliding_window": False, "tie_word_embeddings": True,
+    "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656,
+    "torch_dtype": "bfloat16", "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
+                      "hidden_size": 1536, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
+                      "temporal_patch_size": 2},
+}
+QWEN_VL_CASES = {
+    "qwen2-vl-2b-hub": QWEN2_VL_2B,
+    "qwen2.5-vl-nested": {"model_type": "qwen2_5_vl", "text_config": {
+        "model_type": "qwen2_5_vl_text", "hidden_size": 2048, "num_hidden_layers": 2, "num_attention_heads": 16,
+        "num_key_value_heads": 2, "intermediate_size": 11008, "rope_parameters": {
+            "rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}},
+        "vision_config": {"depth": 2, "out_hidden_size": 2048, "fullatt_block_indexes": [1]}},
+    "qwen3-vl-bare": {"model_type": "qwen3_vl", "text_config": {"num_hidden_layers": 2, "hidden_size": 3584},
+                      "vision_config": {"depth": 4}},
+}
+
+
+@pytest.mark.parametrize("name", QWEN_VL_CASES)
+def test_qwen_vl_from_config_matches_hf(name):
+    from torchvlm.models.qwen_vl.model import QwenVLModel
+
+    d = QWEN_VL_CASES[name]
+    hc = hf_config(d)
+    with torch.device("meta"), no_init_weights():
+        hf = transformers.AutoModelForImageTextToText.from_config(hc)
+        ours = QwenVLModel.from_config(copy.deepcopy(d), where="/ckpt/config.json")
+    assert mapped_hf_shapes(hf, ours) == shapes(ours)
+    assert our_text_meaning(ours.text_config) == {
+        **hf_text_meaning(hc.text_config), "tie_word_embeddings": hc.tie_word_embeddings}
+    rope = hc.text_config.rope_parameters
+    assert ours.text_config.mrope_section == rope.get("mrope_section", [24, 20, 20])
+    assert (ours.image_token_id, ours.video_token_id) == (hc.image_token_id, hc.video_token_id)
+
+
+def test_qwen_vl_bad_mrope_section_names_the_field():
+    from torchvlm.models.qwen_vl.model import QwenVLModel
+
+    d = copy.deepcopy(QWEN2_VL_2B)
+    d["rope_scaling"]["mrope_section"] = [16, 24, 20]
+    with torch.device("meta"), pytest.raises(ConfigError, match=r"field 'rope_scaling.mrope_section' "
+                                                                r"\(\[16, 24, 20\]\) must sum to head_dim / 2 \(64\)"):
+        QwenVLModel.from_config(d)
