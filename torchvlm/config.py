@@ -165,6 +165,11 @@ VLM_DEFAULTS: dict[str, dict[str, Any]] = {
         "image_token_index": 32000, "projector_hidden_act": "gelu", "vision_feature_select_strategy": "default",
         "vision_feature_layer": -2, "multimodal_projector_bias": True, "tie_word_embeddings": False,
     },
+    "llava_next": {
+        "image_token_index": 32000, "projector_hidden_act": "gelu", "vision_feature_select_strategy": "default",
+        "vision_feature_layer": -2, "multimodal_projector_bias": True, "tie_word_embeddings": False,
+        "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    },
     "paligemma": {"image_token_index": 256000, "projection_dim": 2048, "tie_word_embeddings": True},
     **{family: {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
                 "vision_end_token_id": 151653, "tie_word_embeddings": False}
@@ -176,6 +181,13 @@ VLM_DEFAULTS: dict[str, dict[str, Any]] = {
 #: missing fields then come from that type's defaults above), exactly as in HF.
 VLM_SUB_CONFIGS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
     "llava": {
+        "text_config": ("llama", {}),
+        "vision_config": ("clip_vision_model", {
+            "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+            "image_size": 336, "patch_size": 14, "projection_dim": 768,
+        }),
+    },
+    "llava_next": {
         "text_config": ("llama", {}),
         "vision_config": ("clip_vision_model", {
             "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
