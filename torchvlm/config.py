@@ -143,6 +143,9 @@ NULLABLE_FIELDS: frozenset[str] = frozenset({
 VISION_FLAVOURS: dict[str, dict[str, Any]] = {
     "clip_vision_model": {"class_token": True, "pre_norm": True, "head_field": None},
     "siglip_vision_model": {"class_token": False, "pre_norm": False, "head_field": "vision_use_head"},
+    # Idefics3 / SmolVLM: SigLIP without the head, positions bucketed from each tile's valid patch grid
+    "idefics3_vision": {"class_token": False, "pre_norm": False, "head_field": None, "fractional_positions": True},
+    "smolvlm_vision": {"class_token": False, "pre_norm": False, "head_field": None, "fractional_positions": True},
 }
 
 #: Vision config defaults per ``model_type`` (HF ``CLIPVisionConfig`` / ``SiglipVisionConfig``).
@@ -156,6 +159,11 @@ VISION_DEFAULTS: dict[str, dict[str, Any]] = {
         "num_channels": 3, "image_size": 224, "patch_size": 16, "hidden_act": "gelu_pytorch_tanh",
         "layer_norm_eps": 1e-6, "vision_use_head": True,
     },
+    **{kind: {  # HF Idefics3VisionConfig / SmolVLMVisionConfig
+        "hidden_size": 1152, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 16,
+        "num_channels": 3, "image_size": 224, "patch_size": 32, "hidden_act": "gelu_pytorch_tanh",
+        "layer_norm_eps": 1e-6,
+    } for kind in ("idefics3_vision", "smolvlm_vision")},
 }
 
 #: Top-level defaults of the VLM config classes (HF ``LlavaConfig`` / ``PaliGemmaConfig`` / ``Qwen*VLConfig``).
@@ -174,6 +182,8 @@ VLM_DEFAULTS: dict[str, dict[str, Any]] = {
     **{family: {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
                 "vision_end_token_id": 151653, "tie_word_embeddings": False}
        for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")},
+    **{family: {"image_token_id": 128257, "tie_word_embeddings": False, "scale_factor": 2}
+       for family in ("idefics3", "smolvlm")},
 }
 
 #: Sub-configs of a VLM: ``(default model_type, fields used when the whole sub-config is absent)``.
@@ -204,6 +214,9 @@ VLM_SUB_CONFIGS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
             "image_size": 224, "patch_size": 14, "vision_use_head": False,
         }),
     },
+    # HF builds an absent text_config as Llama with rms_norm_eps 1e-5
+    "idefics3": {"text_config": ("llama", {"rms_norm_eps": 1e-5}), "vision_config": ("idefics3_vision", {})},
+    "smolvlm": {"text_config": ("llama", {"rms_norm_eps": 1e-5}), "vision_config": ("smolvlm_vision", {})},
 }
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -572,6 +585,7 @@ class VisionConfig:
     class_token: bool = True  # CLIP prepends a learned [CLS] embedding; SigLIP does not
     pre_norm: bool = True  # CLIP's ``pre_layrnorm`` before the encoder
     use_head: bool = False  # SigLIP attention-pooling head (unused by VLMs, loaded when present)
+    fractional_positions: bool = False  # Idefics3: position ids bucketed from each image's valid patch grid
     model_type: str = "clip_vision_model"
 
     @property
@@ -609,6 +623,7 @@ class VisionConfig:
             class_token=flavour["class_token"],
             pre_norm=flavour["pre_norm"],
             use_head=r.boolean(head_field) if head_field else False,
+            fractional_positions=flavour.get("fractional_positions", False),
             model_type=model_type,
         )
 
