@@ -7,6 +7,10 @@ One class, :class:`VisionTransformer`, switched by :class:`~torchvlm.config.Visi
   Without it (SigLIP) ``post_layernorm`` is applied to the whole sequence.
 * ``pre_norm`` -- CLIP's ``pre_layrnorm`` (sic, HF spelling) before the encoder.
 * ``use_head`` -- SigLIP's multi-head attention-pooling head (``head.*``), giving ``pooler_output``.
+* ``fractional_positions`` -- Idefics3 / SmolVLM (NaViT-style): an image of any size, possibly padded, takes
+  the position of each valid patch from the full ``image_size`` table by bucketing its fractional row and
+  column (``patch_attention_mask`` marks the valid patches; padded ones take position 0 and are masked out as
+  attention keys).
 
 Submodule and parameter names equal HF's below the ``vision_model.`` prefix (``embeddings.patch_embedding``,
 ``encoder.layers.{i}.self_attn.q_proj``, ``post_layernorm``, ``head.attention.in_proj_weight``, ...), so
@@ -59,6 +63,7 @@ class VisionEmbeddings(nn.Module):
         self.image_size = cfg.image_size
         self.grid = cfg.image_size // cfg.patch_size
         self.has_class_token = cfg.class_token
+        self.fractional_positions = cfg.fractional_positions
         if cfg.class_token:
             self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
         # CLIP's patch conv has no bias, SigLIP's has one.
@@ -79,9 +84,37 @@ class VisionEmbeddings(nn.Module):
         table = F.interpolate(table, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
         return table.permute(0, 2, 3, 1).reshape(grid_h * grid_w, dim)
 
-    def forward(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False) -> Tensor:
-        """``[B, C, H, W]`` pixels -> ``[B, N, D]`` embeddings (``N = patches (+1 for CLS)``)."""
+    def _fractional_position_ids(self, patch_mask: Tensor) -> Tensor:
+        """``[B, gh, gw]`` bool valid-patch mask -> ``[B, gh * gw]`` indices into the position table.
+
+        A valid patch at row ``i`` of an image with ``n`` valid rows sits at fraction ``i / n``; its table row
+        is the bucket of that fraction among ``grid`` equal buckets (same for columns). The float arithmetic
+        follows HF's Idefics3 embeddings step by step so that bucket edges fall the same way."""
+        b, gh, gw = patch_mask.shape
+        device = patch_mask.device
+        edges = torch.arange(1 / self.grid, 1.0, 1 / self.grid, device=device)
+        fractions = []
+        for n, size in ((patch_mask[:, :, 0].sum(dim=1), gh), (patch_mask[:, 0, :].sum(dim=1), gw)):
+            steps = torch.arange(size, device=device, dtype=torch.float32)
+            frac = (steps[None, :] * (1.0 / n)[:, None]).clamp(max=1.0 - 1e-6)
+            fractions.append(torch.bucketize(frac, edges, right=True))
+        ids = (fractions[0][:, :, None] * self.grid + fractions[1][:, None, :]).reshape(b, -1)
+        return torch.where(patch_mask.reshape(b, -1), ids, torch.zeros_like(ids))
+
+    def forward(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False,
+                patch_mask: Tensor | None = None) -> Tensor:
+        """``[B, C, H, W]`` pixels -> ``[B, N, D]`` embeddings (``N = patches (+1 for CLS)``).
+
+        With ``fractional_positions`` any size is accepted; ``patch_mask`` (``[B, gh, gw]`` bool, default all
+        valid) says which patches are image rather than padding."""
         height, width = pixel_values.shape[-2:]
+        if self.fractional_positions:
+            weight = self.patch_embedding.weight
+            x = self.patch_embedding(pixel_values.to(dtype=weight.dtype)).flatten(2).transpose(1, 2)
+            if patch_mask is None:
+                gh, gw = height // self.patch_size, width // self.patch_size
+                patch_mask = torch.ones(x.shape[0], gh, gw, dtype=torch.bool, device=x.device)
+            return x + self.position_embedding(self._fractional_position_ids(patch_mask))
         if not interpolate_pos_encoding and (height != self.image_size or width != self.image_size):
             raise ProcessorError(
                 f"pixel_values: image size {height}x{width} does not match the vision tower's image_size "
@@ -116,13 +149,14 @@ class VisionAttention(nn.Module):
         self.v_proj = nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``mask``: ``[B, 1, 1, N]`` bool, False for keys (padding patches) nobody may attend to."""
         b, n, d = x.shape
         shape = (b, n, self.num_heads, self.head_dim)
         q = self.q_proj(x).view(shape).transpose(1, 2)
         k = self.k_proj(x).view(shape).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
-        out = attention(q, k, v, scale=self.head_dim**-0.5)
+        out = attention(q, k, v, mask=mask, scale=self.head_dim**-0.5)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -149,8 +183,8 @@ class VisionEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = VisionMLP(cfg)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), mask)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -254,6 +288,7 @@ class VisionTransformer(nn.Module):
         *,
         output_hidden_states: bool = False,
         interpolate_pos_encoding: bool = False,
+        patch_attention_mask: Tensor | None = None,
     ) -> VisionOutput:
         """Encode ``pixel_values [B, C, H, W]``.
 
@@ -261,13 +296,22 @@ class VisionTransformer(nn.Module):
             output_hidden_states: also return the encoder input and every layer's output.
             interpolate_pos_encoding: accept an image size other than ``config.image_size`` (including
                 non-square) by bicubically resizing the patch position embeddings, as HF does.
+            patch_attention_mask: ``[B, H // patch, W // patch]`` bool, False on patches that are padding
+                (towers with ``fractional_positions`` only): they are masked out as attention keys.
         """
-        x = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        if patch_attention_mask is not None and not self.config.fractional_positions:
+            raise ProcessorError("patch_attention_mask is only supported by towers with fractional positions "
+                                 "(Idefics3 / SmolVLM)")
+        x = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                            patch_mask=patch_attention_mask)
+        mask = None
+        if patch_attention_mask is not None and not bool(patch_attention_mask.all()):
+            mask = patch_attention_mask.reshape(x.shape[0], 1, 1, -1).bool()
         if self.config.pre_norm:
             x = self.pre_layrnorm(x)
         hidden: list[Tensor] | None = [x] if output_hidden_states else None
         for layer in self.encoder.layers:
-            x = layer(x)
+            x = layer(x, mask)
             if hidden is not None:
                 hidden.append(x)
         if self.config.class_token:
