@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .errors import ConfigError
 from .nn.activations import get_activation
 
-__all__ = ["LinearProjector", "MLP2xGelu", "CONNECTORS", "build_connector"]
+__all__ = ["LinearProjector", "MLP2xGelu", "PixelShuffleProjector", "pixel_shuffle", "CONNECTORS", "build_connector"]
 
 
 class LinearProjector(nn.Module):
@@ -47,9 +47,40 @@ class MLP2xGelu(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
+def pixel_shuffle(x: Tensor, scale_factor: int) -> Tensor:
+    """Space-to-depth over a square token grid: ``[N, side*side, D]`` -> ``[N, (side/s)**2, D*s*s]``.
+
+    Each output token concatenates an ``s x s`` block of neighbours, in the channel order Idefics3 uses:
+    pairs of neighbouring columns are fused first, then the transposed grid's neighbouring "rows" (HF
+    ``Idefics3Connector.pixel_shuffle``)."""
+    n, seq, dim = x.shape
+    side = int(seq**0.5)
+    s = scale_factor
+    if side * side != seq or side % s:
+        raise ValueError(f"pixel_shuffle: {seq} tokens are not a square grid whose side is divisible by {s}")
+    x = x.reshape(n, side, side // s, dim * s).transpose(1, 2)  # [N, cols/s, rows, s*D]
+    x = x.reshape(n, side // s, side // s, dim * s * s).transpose(1, 2)  # [N, rows/s, cols/s, s*s*D]
+    return x.reshape(n, seq // (s * s), dim * s * s)
+
+
+class PixelShuffleProjector(nn.Module):
+    """Idefics3 / SmolVLM connector: :func:`pixel_shuffle` by ``scale_factor`` then a linear layer
+    ``proj: in_dim * scale_factor**2 -> out_dim`` (HF ``connector.modality_projection.proj``, no bias)."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, scale_factor: int = 2, bias: bool = False) -> None:
+        super().__init__()
+        self.scale_factor = scale_factor
+        self.proj = nn.Linear(in_dim * scale_factor * scale_factor, out_dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[N, side*side, in_dim]`` -> ``[N, (side/scale_factor)**2, out_dim]``."""
+        return self.proj(pixel_shuffle(x, self.scale_factor))
+
+
 CONNECTORS: dict[str, Callable[..., nn.Module]] = {
     "linear": LinearProjector,
     "mlp2x_gelu": MLP2xGelu,
+    "pixel_shuffle": PixelShuffleProjector,
 }
 
 
