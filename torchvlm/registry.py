@@ -17,6 +17,9 @@ FAMILIES: dict[str, str] = {
     "qwen2_vl": "torchvlm.models.qwen_vl.model:QwenVLModel",
     "qwen2_5_vl": "torchvlm.models.qwen_vl.model:QwenVLModel",
     "qwen3_vl": "torchvlm.models.qwen_vl.model:QwenVLModel",
+    # SmolVLM / SmolVLM2 are Idefics3 under another model_type (its defaults are keyed by it in config.py)
+    "idefics3": "torchvlm.models.idefics3.model:Idefics3Model",
+    "smolvlm": "torchvlm.models.idefics3.model:Idefics3Model",
     # plain decoders: text chat and LM backbones (one class, the decoder flags come from config.TEXT_FLAVOURS)
     "llama": "torchvlm.models.text_lm:TextLM",
     "mistral": "torchvlm.models.text_lm:TextLM",
@@ -33,6 +36,8 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
     "Qwen3VLForConditionalGeneration": "qwen3_vl",
+    "Idefics3ForConditionalGeneration": "idefics3",
+    "SmolVLMForConditionalGeneration": "smolvlm",
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
