@@ -46,6 +46,10 @@ PROCESSORS: dict[str, str] = {
     "LlavaProcessor": "torchvlm.models.llava.processor:LlavaProcessor",
     "paligemma": "torchvlm.models.paligemma.processor:PaliGemmaProcessor",
     "PaliGemmaProcessor": "torchvlm.models.paligemma.processor:PaliGemmaProcessor",
+    "idefics3": "torchvlm.models.idefics3.processor:Idefics3Processor",
+    "Idefics3Processor": "torchvlm.models.idefics3.processor:Idefics3Processor",
+    "smolvlm": "torchvlm.models.idefics3.processor:SmolVLMProcessor",
+    "SmolVLMProcessor": "torchvlm.models.idefics3.processor:SmolVLMProcessor",
 }
 
 #: model_types served by the plain text-only :class:`Processor` (tokenizer + chat template).
