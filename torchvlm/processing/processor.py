@@ -44,8 +44,16 @@ __all__ = [
 PROCESSORS: dict[str, str] = {
     "llava": "torchvlm.models.llava.processor:LlavaProcessor",
     "LlavaProcessor": "torchvlm.models.llava.processor:LlavaProcessor",
+    "llava_next": "torchvlm.models.llava_next.processor:LlavaNextProcessor",
+    "LlavaNextProcessor": "torchvlm.models.llava_next.processor:LlavaNextProcessor",
     "paligemma": "torchvlm.models.paligemma.processor:PaliGemmaProcessor",
     "PaliGemmaProcessor": "torchvlm.models.paligemma.processor:PaliGemmaProcessor",
+    "qwen2_vl": "torchvlm.models.qwen_vl.processor:Qwen2VLProcessor",
+    "Qwen2VLProcessor": "torchvlm.models.qwen_vl.processor:Qwen2VLProcessor",
+    "qwen2_5_vl": "torchvlm.models.qwen_vl.processor:Qwen2_5_VLProcessor",
+    "Qwen2_5_VLProcessor": "torchvlm.models.qwen_vl.processor:Qwen2_5_VLProcessor",
+    "qwen3_vl": "torchvlm.models.qwen_vl.processor:Qwen3VLProcessor",
+    "Qwen3VLProcessor": "torchvlm.models.qwen_vl.processor:Qwen3VLProcessor",
     "idefics3": "torchvlm.models.idefics3.processor:Idefics3Processor",
     "Idefics3Processor": "torchvlm.models.idefics3.processor:Idefics3Processor",
     "smolvlm": "torchvlm.models.idefics3.processor:SmolVLMProcessor",
@@ -289,10 +297,15 @@ class Processor:
             texts, per_sample, padding_side=padding_side, add_special_tokens=add_special_tokens, **kwargs
         )
 
+    def placeholder_tokens(self) -> dict[str, str]:
+        """Media placeholders that chat text may not contain: token -> kind (``"image"``, ``"video"``)."""
+        return {self.image_token: "image"} if self.image_token else {}
+
     def _refuse_placeholders_in_text(self, chats: list[list[dict]], batched: bool) -> None:
-        """Raise ProcessorError when message text contains :attr:`image_token` (it would become an image slot)."""
-        tok = self.image_token
-        if not tok:
+        """Raise ProcessorError when message text contains a placeholder of :meth:`placeholder_tokens`
+        (it would become a media slot)."""
+        tokens = self.placeholder_tokens()
+        if not tokens:
             return
         for b, chat in enumerate(chats):
             for i, m in enumerate(chat):
@@ -300,12 +313,15 @@ class Processor:
                 parts = [content] if isinstance(content, str) else content if isinstance(content, (list, tuple)) else []
                 for part in parts:
                     text = part if isinstance(part, str) else part.get("text") if isinstance(part, dict) else None
-                    if isinstance(text, str) and tok in text:
-                        where = f"messages[{b}][{i}]" if batched else f"messages[{i}]"
-                        raise ProcessorError(
-                            f"{where}: text part contains the image placeholder '{tok}'; "
-                            "pass images as {'type': 'image'} parts"
-                        )
+                    if not isinstance(text, str):
+                        continue
+                    for tok, kind in tokens.items():
+                        if tok in text:
+                            where = f"messages[{b}][{i}]" if batched else f"messages[{i}]"
+                            raise ProcessorError(
+                                f"{where}: text part contains the {kind} placeholder '{tok}'; "
+                                f"pass {kind}s as {{'type': '{kind}'}} parts"
+                            )
 
     @staticmethod
     def _split_chats(messages: Any) -> tuple[list[list[dict]], bool]:
