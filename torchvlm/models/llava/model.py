@@ -24,15 +24,18 @@ class LlavaModel(VLM):
 
     weight_map = WEIGHT_MAP
     save_rename = SAVE_RENAME
+    #: key into the config default tables (:data:`~torchvlm.config.VLM_DEFAULTS`, ``VLM_SUB_CONFIGS``)
+    config_family = "llava"
 
     @classmethod
     def from_config(cls, config: dict, where: str = "config.json") -> LlavaModel:
         """Build from a ``config.json`` dict. Missing fields and sub-configs mean what they mean in HF's
-        ``LlavaConfig`` (see :data:`torchvlm.config.VLM_DEFAULTS` / :data:`~torchvlm.config.VLM_SUB_CONFIGS`);
+        ``LlavaConfig`` (or the subclass's :attr:`config_family`: see :data:`torchvlm.config.VLM_DEFAULTS` / :data:`~torchvlm.config.VLM_SUB_CONFIGS`);
         a wrongly typed field raises ConfigError naming ``where`` and the field."""
-        top = vlm_reader(config, "llava", where)
-        text_dict = sub_config(config, "text_config", "llava", where)
-        vision_dict = sub_config(config, "vision_config", "llava", where)
+        family = cls.config_family
+        top = vlm_reader(config, family, where)
+        text_dict = sub_config(config, "text_config", family, where)
+        vision_dict = sub_config(config, "vision_config", family, where)
         text = TextConfig.from_hf(text_dict, where, "text_config")
         vision = VisionConfig.from_hf(vision_dict, where, "vision_config")
         # HF ties when the top-level flag or the text config's flag says so

@@ -28,21 +28,24 @@ def _positive_int(value: Any, field: str) -> int:
     return value
 
 
-def _vision_config(config: dict) -> dict:
+def _vision_config(config: dict, family: str = "llava") -> dict:
     """The completed vision config (HF defaults filled in), or {} when no config.json is known."""
-    return completed_vision_config(config, "llava") if config else {}
+    return completed_vision_config(config, family) if config else {}
 
 
-def llava_image_token_settings(config: dict, processor_config: dict | None = None) -> dict[str, Any]:
+def llava_image_token_settings(
+    config: dict, processor_config: dict | None = None, *, family: str = "llava"
+) -> dict[str, Any]:
     """The knobs that decide the image-token count, resolved once for processor and model.
 
     Returns ``{"patch_size", "vision_feature_select_strategy", "num_additional_image_tokens"}``.
     ``processor_config.json`` values (*processor_config*) win over ``config.json`` (*config*).
     ``num_additional_image_tokens`` defaults to 1 for CLIP towers (their CLS feature), 0 for other towers
-    and 0 when no ``config.json`` is known (HF ``LlavaProcessor``'s default).
+    and 0 when no ``config.json`` is known (HF ``LlavaProcessor``'s default). *family* keys the config
+    default tables (``"llava_next"`` for LLaVA-NeXT).
     """
     pc = processor_config or {}
-    vc = _vision_config(config)
+    vc = _vision_config(config, family)
     patch = _positive_int(
         pc.get("patch_size") or vc.get("patch_size"),
         "processor_config.json: field 'patch_size' (or config.json: 'vision_config.patch_size')",
@@ -100,6 +103,8 @@ class LlavaProcessor(Processor):
 
     processor_class = "LlavaProcessor"
     chat_adds_no_special_tokens = False
+    #: key into the config default tables (see :func:`llava_image_token_settings`)
+    config_family = "llava"
 
     def __init__(self, tokenizer: Tokenizer, image_processor=None, **kwargs: Any):
         super().__init__(tokenizer, image_processor, **kwargs)
@@ -110,7 +115,7 @@ class LlavaProcessor(Processor):
         if len(ids) != 1:
             raise ConfigError(f"tokenizer: image token '{self.image_token}' is not a single token (got ids {ids})")
         self.image_token_id = ids[0]
-        settings = llava_image_token_settings(self.model_config, self.config)
+        settings = llava_image_token_settings(self.model_config, self.config, family=self.config_family)
         self.config.update(image_token=self.image_token, **settings)
 
     patch_size = property(lambda self: self.config["patch_size"], doc="ViT patch size.")
