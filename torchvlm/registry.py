@@ -13,6 +13,7 @@ from .errors import UnknownArchitectureError
 # model_type -> "module:Class" of the model implementation
 FAMILIES: dict[str, str] = {
     "llava": "torchvlm.models.llava.model:LlavaModel",
+    "llava_next": "torchvlm.models.llava_next.model:LlavaNextModel",
     "paligemma": "torchvlm.models.paligemma.model:PaliGemmaModel",
     "qwen2_vl": "torchvlm.models.qwen_vl.model:QwenVLModel",
     "qwen2_5_vl": "torchvlm.models.qwen_vl.model:QwenVLModel",
@@ -32,6 +33,7 @@ FAMILIES: dict[str, str] = {
 # HF architectures -> model_type, for configs whose model_type is missing or unusual
 ARCHITECTURES: dict[str, str] = {
     "LlavaForConditionalGeneration": "llava",
+    "LlavaNextForConditionalGeneration": "llava_next",
     "PaliGemmaForConditionalGeneration": "paligemma",
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
