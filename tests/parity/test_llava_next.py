@@ -219,3 +219,19 @@ def test_full_strategy_with_cls_tower_is_refused():
     with torch.device("meta"), pytest.raises(ConfigError, match="image_grid_pinpoints' must be a non-empty list"):
         LlavaNextModel.from_config({"model_type": "llava_next", "image_grid_pinpoints": [[336]],
                                     "text_config": {"num_hidden_layers": 1}, "vision_config": {"num_hidden_layers": 1}})
+
+
+def test_engine_matches_generate(llava_next):
+    """Continuous batching with images of different tile grids; the same image again hits the feature cache."""
+    from torchvlm.generation.engine import Engine
+    from torchvlm.generation.sampling import SamplingParams
+
+    _, _, ours, proc, _ = llava_next
+    batches = [proc(text=Q, images=[_image(*spec)]) for spec in ((30, 100, 1), (30, 100, 1), (70, 70, 2))]
+    engine = Engine(ours, max_batch_size=2, max_len=256)
+    ids = [engine.add_request(b["input_ids"][0], params=SamplingParams(max_new_tokens=6), ignore_eos=True,
+                              pixel_values=b["pixel_values"], image_sizes=b["image_sizes"]) for b in batches]
+    got = engine.run()
+    assert engine.image_cache.hits >= 1
+    for rid, b in zip(ids, batches):
+        assert got[rid] == ours.generate(**b, max_new_tokens=6, ignore_eos=True)[0].tolist()
