@@ -61,7 +61,7 @@ PROCESSORS: dict[str, str] = {
 }
 
 #: model_types served by the plain text-only :class:`Processor` (tokenizer + chat template).
-TEXT_ONLY_MODEL_TYPES: set[str] = {"llama", "qwen2", "gemma", "gemma2", "mistral"}
+TEXT_ONLY_MODEL_TYPES: set[str] = {"llama", "qwen2", "qwen3", "gemma", "gemma2", "mistral"}
 
 # keys of an image content part that carry the image itself (HF reads the same ones)
 _IMAGE_PART_KEYS = ("image", "url", "path", "base64", "image_url")
