@@ -248,3 +248,48 @@ def test_engine_matches_generate(pair):
     assert engine.image_cache.hits >= 1
     for rid, b in zip(ids, batches):
         assert got[rid] == ours.generate(**b, max_new_tokens=6, ignore_eos=True)[0].tolist()
+
+
+@pytest.mark.parametrize("family", sorted(HF_CLASSES))
+def test_end_to_end_with_processors(family, tmp_path):
+    """torchvlm.load (our processor + model) against HF's model on one checkpoint directory, fed the same
+    processed batch: a padded batch of two chats, one with two images of different sizes, one with a video."""
+    import numpy as np
+    from PIL import Image
+
+    import torchvlm
+    from test_qwen_vl_processor import SPECIALS, save_qwen_processor
+
+    hf_proc = save_qwen_processor(tmp_path, family)
+    tok = hf_proc.tokenizer
+    patch = 16 if family == "qwen3_vl" else 14
+    cfg = _config(family)
+    cfg.text_config.vocab_size = len(tok)
+    cfg.text_config.pad_token_id, cfg.text_config.bos_token_id, cfg.text_config.eos_token_id = 0, None, None
+    cfg.vision_config.patch_size = patch
+    if family == "qwen2_5_vl":
+        cfg.vision_config.window_size = 2 * patch * MERGE
+    cfg.image_token_id, cfg.video_token_id = tok.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"])
+    cfg.vision_start_token_id, cfg.vision_end_token_id = tok.convert_tokens_to_ids(list(SPECIALS[:2]))
+    torch.manual_seed(1)
+    hf = getattr(transformers, HF_CLASSES[family])(cfg).eval()
+    vc.perturb(hf)
+    hf.save_pretrained(tmp_path)
+    model, proc = torchvlm.load(tmp_path, dtype="fp32")
+
+    rng = np.random.default_rng(0)
+    img = lambda h, w: Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))  # noqa: E731
+    chats = [
+        [{"role": "user", "content": [{"type": "image", "image": img(60, 90)}, {"type": "image", "image": img(120, 40)},
+                                      {"type": "text", "text": "Compare them."}]}],
+        [{"role": "user", "content": [{"type": "video", "video": [img(56, 56) for _ in range(4)],
+                                       "video_metadata": {"fps": 2.0}},
+                                      {"type": "text", "text": "What happens?"}]}],
+    ]
+    ours = proc(messages=chats)  # equal to HF's processor output (tests/parity/test_qwen_vl_processor.py)
+    valid = ours["attention_mask"].bool()
+    with torch.no_grad():
+        got = model(**ours).logits
+        want = hf(**ours).logits
+    torch.testing.assert_close(got[valid], want[valid], atol=1e-4, rtol=1e-4)
+    vc.assert_greedy_match(hf, model, dict(ours), n=20)

@@ -24,6 +24,7 @@ from ...errors import ConfigError, ProcessorError
 from ...vision.qwen_vit import QwenVisionConfig, QwenVisionTransformer
 from ..base import VLM, ImageFeatures, ModelInputs, scatter_features
 from ..text_lm import tie_aware
+from .processor import qwen_num_tokens
 from .weights import SAVE_RENAME, WEIGHT_MAP
 
 #: How each generation lays out vision positions (data, by model_type):
@@ -101,7 +102,7 @@ class QwenVLModel(VLM):
         grid = self._grid(image_grid_thw, "image_grid_thw", pixel_values)
         out = self.vision_tower(pixel_values, grid)
         m = self.vision_config.spatial_merge_size
-        counts = (grid.prod(-1) // (m * m)).tolist()
+        counts = qwen_num_tokens(grid, m).tolist()  # the processor's count, by construction
         grids = [(int(t), int(h) // m, int(w) // m) for t, h, w in grid.tolist()]
         return ImageFeatures(tokens=out.tokens[None], counts=counts, grids=grids,
                              deepstack=tuple(d[None] for d in out.deepstack))
@@ -205,9 +206,11 @@ class QwenVLModel(VLM):
                                          f"({len(grids[kind])})")
                 t, h, w = grids[kind][which[kind]]
                 which[kind] += 1
-                if n != t * h * w // (m * m):
+                expected = int(qwen_num_tokens(torch.tensor([[t, h, w]]), m)[0])
+                if n != expected:
                     raise ProcessorError(f"a block of {n} {name} tokens does not match its grid {[t, h, w]} "
-                                         f"({t * h * w // (m * m)} tokens)")
+                                         f"({expected} tokens)")
+                # HF multiplies in float32; the float64 product of two float32 values rounds to the same float32
                 interval: float = 1.0
                 if kind == 2 and self.rules["video_time_scale"]:
                     sec = seconds[n_videos] if seconds is not None and n_videos < len(seconds) else 1.0
