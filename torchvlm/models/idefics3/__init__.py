@@ -1,0 +1,1 @@
+"""Idefics3 and SmolVLM / SmolVLM2 (one implementation; SmolVLM is the same model under another model_type)."""
