@@ -48,26 +48,30 @@ def load(
     return model, load_processor(path)
 
 
-def build_messages(prompt: str, images: Sequence[Any] = (), system: str | None = None) -> list[dict]:
-    """A one-turn chat: the images first, then the prompt text (the usual VLM convention)."""
+def build_messages(prompt: str, images: Sequence[Any] = (), system: str | None = None,
+                   videos: Sequence[Any] = ()) -> list[dict]:
+    """A one-turn chat: the images (then videos) first, then the prompt text (the usual VLM convention).
+    A video is a file path / bytes or a list of frames (families that take video: Qwen-VL)."""
     messages: list[dict] = []
     if system:
         messages.append({"role": "system", "content": system})
-    if images:
-        content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": prompt}]
+    if images or videos:
+        content = ([{"type": "image", "image": im} for im in images or ()]
+                   + [{"type": "video", "video": v} for v in videos or ()] + [{"type": "text", "text": prompt}])
         messages.append({"role": "user", "content": content})
     else:
         messages.append({"role": "user", "content": prompt})
     return messages
 
 
-def _batch(processor: Processor, prompt: str | list[dict], images: Sequence[Any] | None, chat: bool) -> dict:
+def _batch(processor: Processor, prompt: str | list[dict], images: Sequence[Any] | None, chat: bool,
+           videos: Sequence[Any] | None = None) -> dict:
     """One prompt -> a batch of one. A string is a user message (rendered with the checkpoint's chat template,
     or the processor's default one) unless ``chat=False``; a list is a whole chat that carries its own images."""
     if isinstance(prompt, list):
-        if images:
-            raise ProcessorError("give images inside the chat messages ({'type': 'image', ...} parts) "
-                                 "or pass a string prompt with images=, not both")
+        if images or videos:
+            raise ProcessorError("give images / videos inside the chat messages ({'type': 'image', ...} parts) "
+                                 "or pass a string prompt with images= / videos=, not both")
         if prompt and isinstance(prompt[0], list):
             raise ProcessorError("torchvlm.generate answers one chat; for a batch use processor(messages=[...]) "
                                  "and model.generate / torchvlm.generation.loop.generate")
@@ -75,7 +79,9 @@ def _batch(processor: Processor, prompt: str | list[dict], images: Sequence[Any]
     if not isinstance(prompt, str):
         raise ProcessorError(f"prompt must be a string or a chat (list of messages), got {type(prompt).__name__}")
     if chat:
-        return processor(messages=build_messages(prompt, images or ()))
+        return processor(messages=build_messages(prompt, images or (), videos=videos or ()))
+    if videos:
+        return processor(text=prompt, images=list(images) if images else None, videos=list(videos))
     return processor(text=prompt, images=list(images) if images else None)
 
 
@@ -85,6 +91,7 @@ def stream_generate(
     prompt: str | list[dict],
     images: Sequence[Any] | None = None,
     *,
+    videos: Sequence[Any] | None = None,
     chat: bool = True,
     **kwargs: Any,
 ) -> Iterator[str]:
@@ -92,10 +99,10 @@ def stream_generate(
 
     ``prompt`` is a user message (wrapped in the checkpoint's chat template when ``chat`` and the
     checkpoint has one) or a whole chat (list of messages). ``images`` are paths, bytes, data URIs, PIL
-    images, arrays or tensors. ``kwargs`` are sampling settings (``max_new_tokens``, ``temperature``,
+    images, arrays or tensors; ``videos`` are video files or frame lists (Qwen-VL). ``kwargs`` are sampling settings (``max_new_tokens``, ``temperature``,
     ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``, ``seed``, ``stop``, ...).
     """
-    batch = _batch(processor, prompt, images, chat)
+    batch = _batch(processor, prompt, images, chat, videos)
     for step in _stream_generate(model, tokenizer=processor.tokenizer, **batch, **kwargs):
         if step.text_deltas and step.text_deltas[0]:
             yield step.text_deltas[0]
@@ -107,13 +114,14 @@ def generate(
     prompt: str | list[dict],
     images: Sequence[Any] | None = None,
     *,
+    videos: Sequence[Any] | None = None,
     chat: bool = True,
     return_output: bool = False,
     **kwargs: Any,
 ) -> str | GenerationOutput:
     """Answer one prompt (with optional images); returns the text (or the full :class:`GenerationOutput`
     with ``return_output=True``). Arguments as in :func:`stream_generate`."""
-    batch = _batch(processor, prompt, images, chat)
+    batch = _batch(processor, prompt, images, chat, videos)
     out = _generate(model, tokenizer=processor.tokenizer, **batch, **kwargs)
     return out if return_output else out.texts[0]
 

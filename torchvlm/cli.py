@@ -61,18 +61,24 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     from .api import build_messages, generate, stream_generate
 
     model, processor = _load(ns)
-    images = list(ns.image or [])
+    images, videos = list(ns.image or []), list(ns.video or [])
     if images and model.image_token_id is None:
         raise TorchVLMError(f"model '{ns.model}' is text-only; it takes no --image")
+    if videos and model.video_token_id is None:
+        raise TorchVLMError(f"model '{ns.model}' takes no --video (video-capable families: Qwen2-VL, Qwen2.5-VL, "
+                            "Qwen3-VL)")
     # a chat (images first, then the prompt) rendered with the checkpoint's template, or the raw prompt
-    prompt, raw_images = (ns.prompt, images) if ns.raw else (build_messages(ns.prompt, images, ns.system), None)
-    kwargs = _sampling(ns)
+    if ns.raw:
+        prompt, media = ns.prompt, {"images": images, "videos": videos}
+    else:
+        prompt, media = build_messages(ns.prompt, images, ns.system, videos=videos), {}
+    kwargs = {**_sampling(ns), **media}
     if ns.stream:
-        for delta in stream_generate(model, processor, prompt, raw_images, chat=not ns.raw, **kwargs):
+        for delta in stream_generate(model, processor, prompt, chat=not ns.raw, **kwargs):
             print(delta, end="", flush=True)
         print()
     else:
-        print(generate(model, processor, prompt, raw_images, chat=not ns.raw, **kwargs))
+        print(generate(model, processor, prompt, chat=not ns.raw, **kwargs))
     return 0
 
 
@@ -191,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(g)
     g.add_argument("--prompt", "-p", required=True)
     g.add_argument("--image", "-i", action="append", help="image path / URL-less source (repeatable)")
+    g.add_argument("--video", action="append", help="video file (repeatable; Qwen-VL models; needs torchvlm[video])")
     g.add_argument("--system", default=None, help="system message")
     g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     g.add_argument("--stream", action="store_true", help="print tokens as they come")

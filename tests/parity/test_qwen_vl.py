@@ -293,3 +293,10 @@ def test_end_to_end_with_processors(family, tmp_path):
         want = hf(**ours).logits
     torch.testing.assert_close(got[valid], want[valid], atol=1e-4, rtol=1e-4)
     vc.assert_greedy_match(hf, model, dict(ours), n=20)
+    # the one-liner API with a video (frames) and an image: the same tokens as the processed chat
+    frames, picture = [img(56, 56) for _ in range(4)], img(40, 70)
+    out = torchvlm.generate(model, proc, "What happens?", images=[picture], videos=[frames], max_new_tokens=5,
+                            ignore_eos=True, return_output=True)
+    batch = proc(messages=torchvlm.build_messages("What happens?", [picture], videos=[frames]))
+    assert "pixel_values_videos" in batch and "pixel_values" in batch
+    assert torch.equal(out.sequences, model.generate(**batch, max_new_tokens=5, ignore_eos=True))

@@ -80,3 +80,8 @@ def test_quantized_model_is_not_saved(llava_dir, tmp_path):
     with pytest.raises(ConfigError, match="quantized"):
         model.save_pretrained(tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_video_on_a_model_without_video_is_a_clear_error(llava_dir, image_path, capsys):
+    assert main(["generate", "--model", str(llava_dir), "--video", str(image_path), "--prompt", "hi"]) == 2
+    assert "takes no --video" in capsys.readouterr().err
