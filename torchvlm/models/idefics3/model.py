@@ -14,9 +14,9 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from ...config import TextConfig, VisionConfig, sub_config, vlm_reader
+from ...config import VLM_SUB_CONFIGS, TextConfig, VisionConfig, sub_config, vlm_reader
 from ...connectors import build_connector
-from ...errors import ConfigError, ProcessorError
+from ...errors import ProcessorError
 from ...vision.vit import VisionTransformer
 from ..base import VLM, ImageFeatures
 from ..text_lm import tie_aware
@@ -43,10 +43,11 @@ class Idefics3Model(VLM):
         family = family_of(config, where)
         top = vlm_reader(config, family, where)
         text = TextConfig.from_hf(sub_config(config, "text_config", family, where), where, "text_config")
-        vision = VisionConfig.from_hf(sub_config(config, "vision_config", family, where), where, "vision_config")
-        if not vision.fractional_positions:
-            raise ConfigError(f"{where}: field 'vision_config.model_type': '{vision.model_type}' is not an "
-                              "Idefics3 / SmolVLM vision tower")
+        # HF builds this tower from the family's own vision config class, whatever model_type the dict names
+        # (hub files say "idefics3", "idefics3_vision" or "smolvlm_vision"), so the family's type is used
+        tower_type = VLM_SUB_CONFIGS[family]["vision_config"][0]
+        vision_dict = {**sub_config(config, "vision_config", family, where), "model_type": tower_type}
+        vision = VisionConfig.from_hf(vision_dict, where, "vision_config")
         text = dataclasses.replace(text, tie_word_embeddings=top.boolean("tie_word_embeddings"))
         model = cls(config, text)
         model.vision_config = vision

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from torchvlm.config import ConfigReader, completed_vision_config, vlm_reader
+from torchvlm.config import VISION_DEFAULTS, VLM_SUB_CONFIGS, ConfigReader, sub_config, vlm_reader
 from torchvlm.errors import ConfigError, ProcessorError
 from torchvlm.processing.processor import Processor
 from torchvlm.processing.splitting import Idefics3ImageProcessor, SplitImage
@@ -59,7 +59,8 @@ def idefics3_image_seq_len(config: dict, where: str = "config.json") -> int:
 
     family = family_of(config, where)
     scale = vlm_reader(config, family, where).integer("scale_factor")
-    vision = ConfigReader(completed_vision_config(config, family, where), where, "vision_config")
+    vc = {**sub_config(config, "vision_config", family, where), "model_type": VLM_SUB_CONFIGS[family]["vision_config"][0]}
+    vision = ConfigReader(vc, where, "vision_config", VISION_DEFAULTS[vc["model_type"]])
     side = vision.integer("image_size") // vision.integer("patch_size")
     if side == 0 or side % scale:
         raise ConfigError(f"{where}: the vision tower's patch grid ({side}x{side}) cannot be pixel-shuffled by "
