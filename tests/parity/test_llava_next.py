@@ -212,10 +212,13 @@ def test_from_config_matches_hf(name):
     assert ours.image_tokens(500, 300) == 40 * 24 + 40 + 576
 
 
-def test_full_strategy_with_cls_tower_is_refused():
+def test_strategy_that_breaks_the_tile_grid_is_refused():
     with torch.device("meta"), pytest.raises(ConfigError, match="'full' but the 'clip_vision_model' tower has a CLS feature"):
         LlavaNextModel.from_config({"model_type": "llava_next", "vision_feature_select_strategy": "full",
                                     "text_config": {"num_hidden_layers": 1}, "vision_config": {"num_hidden_layers": 1}})
+    with torch.device("meta"), pytest.raises(ConfigError, match="'default' but the 'siglip_vision_model' tower has no CLS"):
+        LlavaNextModel.from_config({"model_type": "llava_next", "text_config": {"num_hidden_layers": 1},
+                                    "vision_config": {"model_type": "siglip_vision_model", "num_hidden_layers": 1}})
     with torch.device("meta"), pytest.raises(ConfigError, match="image_grid_pinpoints' must be a non-empty list"):
         LlavaNextModel.from_config({"model_type": "llava_next", "image_grid_pinpoints": [[336]],
                                     "text_config": {"num_hidden_layers": 1}, "vision_config": {"num_hidden_layers": 1}})

@@ -37,14 +37,15 @@ class LlavaNextModel(LlavaModel):
         """As :meth:`LlavaModel.from_config` (defaults of HF's ``LlavaNextConfig``), plus
         ``image_grid_pinpoints`` and the ``image_newline`` parameter."""
         model = super().from_config(config, where)
-        if model.feature_strategy == "full" and model.vision_config.class_token:
+        vc = model.vision_config
+        if vc.class_token != (model.feature_strategy == "default"):  # a tile must give exactly side x side features
+            what = "has a CLS feature, which" if vc.class_token else "has no CLS feature, so dropping one"
             raise ConfigError(
-                f"{where}: field 'vision_feature_select_strategy' is 'full' but the '{model.vision_config.model_type}' "
-                "tower has a CLS feature, which LLaVA-NeXT's tile grid has no place for (transformers fails on "
-                "this too); use 'default' or a tower without CLS (SigLIP)")
+                f"{where}: field 'vision_feature_select_strategy' is '{model.feature_strategy}' but the "
+                f"'{vc.model_type}' tower {what} breaks LLaVA-NeXT's tile grid (transformers fails on this too); "
+                f"use '{'default' if vc.class_token else 'full'}'")
         model.grid_pinpoints = llava_next_grid_pinpoints(config, where)
         model.num_image_tokens = None  # depends on each image's size
-        vc = model.vision_config
         model.token_config = {**config, "vision_config": completed_vision_config(config, cls.config_family, where),
                               "vision_feature_select_strategy": model.feature_strategy}
         model.image_newline = nn.Parameter(torch.empty(model.text_config.hidden_size))
