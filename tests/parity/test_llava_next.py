@@ -13,15 +13,18 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+import tiny  # noqa: E402
+import vlm_checks as vc  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers.initialization import no_init_weights  # noqa: E402
 
-import tiny  # noqa: E402
-import vlm_checks as vc  # noqa: E402
 from torchvlm.errors import ConfigError, ProcessorError  # noqa: E402
 from torchvlm.models.base import VLM  # noqa: E402
 from torchvlm.models.llava_next.model import LlavaNextModel  # noqa: E402
-from torchvlm.models.llava_next.processor import LlavaNextProcessor, llava_next_num_image_tokens  # noqa: E402
+from torchvlm.models.llava_next.processor import (  # noqa: E402
+    LlavaNextProcessor,
+    llava_next_num_image_tokens,
+)
 from torchvlm.processing.processor import Processor, read_json  # noqa: E402
 
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]
@@ -110,7 +113,7 @@ def test_llava_next_parity(llava_next, case):
 
 
 def test_encode_image_counts_follow_the_shared_function(llava_next):
-    hf, hf_proc, ours, proc, path = llava_next
+    hf, _, ours, proc, path = llava_next
     sizes = [(30, 500), (64, 64), (500, 40)]
     batch = proc(text="USER: <image><image><image> ASSISTANT:", images=[_image(h, w, i) for i, (h, w) in enumerate(sizes)])
     assert batch["pixel_values"].shape[:2] == (3, 5)  # views padded to the 2x2 grid's 1 + 4
@@ -127,7 +130,7 @@ def test_encode_image_counts_follow_the_shared_function(llava_next):
 
 
 def test_save_pretrained_reloads_in_transformers(llava_next, tmp_path):
-    hf, hf_proc, ours, proc, _ = llava_next
+    hf, hf_proc, ours, _, _ = llava_next
     ours.save_pretrained(tmp_path)
     again = transformers.LlavaNextForConditionalGeneration.from_pretrained(tmp_path).eval()
     batch = dict(hf_proc(text=["USER: <image> ASSISTANT:"], images=[_image(40, 70, 7)], return_tensors="pt"))

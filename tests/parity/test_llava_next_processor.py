@@ -15,8 +15,12 @@ transformers = pytest.importorskip("transformers")
 import tiny  # noqa: E402
 from processor_fixtures import SIZES, assert_same, make_image  # noqa: E402
 from test_llava_next import PINPOINTS, save_llava_next_processor  # noqa: E402
+
 from torchvlm.errors import ProcessorError  # noqa: E402
-from torchvlm.models.llava_next.processor import LlavaNextProcessor, llava_next_num_image_tokens  # noqa: E402
+from torchvlm.models.llava_next.processor import (  # noqa: E402
+    LlavaNextProcessor,
+    llava_next_num_image_tokens,
+)
 from torchvlm.processing import anyres  # noqa: E402
 from torchvlm.processing.processor import Processor, read_json  # noqa: E402
 
@@ -67,7 +71,10 @@ def test_token_count_with_hub_knobs_matches_hf():
 
 
 def test_anyres_geometry_matches_transformers():
-    from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
+    from transformers.image_processing_utils import (
+        get_patch_output_size,
+        select_best_resolution,
+    )
     from transformers.models.llava_next.modeling_llava_next import unpad_image
 
     for h, w in _sizes(200, seed=2, most=3000):

@@ -24,7 +24,8 @@ Arithmetic (integer truncation, ``ceil`` and the rounding to 7 decimals) follows
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,18 +33,22 @@ from PIL import Image
 
 from torchvlm.errors import ConfigError, ProcessorError
 from torchvlm.processing.image import is_single_image
-from torchvlm.processing.image_processors import _RESAMPLE, ClipImageProcessor, register_image_processor
+from torchvlm.processing.image_processors import (
+    _RESAMPLE,
+    ClipImageProcessor,
+    register_image_processor,
+)
 
 __all__ = [
     "DEFAULT_GRID_PINPOINTS",
-    "check_pinpoints",
-    "select_best_resolution",
-    "fit_size",
-    "pad_centered",
-    "split_tiles",
-    "grid_shape",
-    "unpadded_region",
     "LlavaNextImageProcessor",
+    "check_pinpoints",
+    "fit_size",
+    "grid_shape",
+    "pad_centered",
+    "select_best_resolution",
+    "split_tiles",
+    "unpadded_region",
 ]
 
 #: transformers' default ``image_grid_pinpoints`` (LLaVA-NeXT with a 336-pixel CLIP tower)

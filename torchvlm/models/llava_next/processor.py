@@ -16,16 +16,21 @@ this is computed: the processor calls it with its image processor's pinpoints an
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from torchvlm.config import completed_vision_config, vlm_reader
 from torchvlm.errors import ProcessorError
-from torchvlm.models.llava.processor import LlavaProcessor, _positive_int, llava_image_token_settings
+from torchvlm.models.llava.processor import (
+    LlavaProcessor,
+    _positive_int,
+    llava_image_token_settings,
+)
 from torchvlm.processing.anyres import check_pinpoints, grid_shape, unpadded_region
 
-__all__ = ["LlavaNextProcessor", "llava_next_num_image_tokens", "llava_next_grid_pinpoints"]
+__all__ = ["LlavaNextProcessor", "llava_next_grid_pinpoints", "llava_next_num_image_tokens"]
 
 FAMILY = "llava_next"
 

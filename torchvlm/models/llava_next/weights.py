@@ -3,8 +3,9 @@
 
 import dataclasses
 
-from ..llava.weights import SAVE_RENAME, WEIGHT_MAP as _LLAVA
+from ..llava.weights import SAVE_RENAME
+from ..llava.weights import WEIGHT_MAP as _LLAVA
 
 WEIGHT_MAP = dataclasses.replace(_LLAVA, rename=_LLAVA.rename + ((r"^model\.image_newline$", "image_newline"),))
 
-__all__ = ["WEIGHT_MAP", "SAVE_RENAME"]
+__all__ = ["SAVE_RENAME", "WEIGHT_MAP"]
