@@ -57,14 +57,8 @@ CASES = {  # texts, images per sample, image processor overrides
 def _batch(ref, proc, texts, sizes, overrides):
     images = [[make_image(h, w, seed=i) for i, (h, w) in enumerate(row)] for row in sizes]
     want = ref(text=texts, images=images, return_tensors="pt", padding=True, **overrides)
-    saved = {k: getattr(proc.image_processor, k) for k in overrides}
-    try:
-        for k, v in overrides.items():
-            setattr(proc.image_processor, k, v)
-        got = proc(text=texts if len(texts) > 1 else texts[0], images=images if len(texts) > 1 else images[0])
-    finally:
-        for k, v in saved.items():
-            setattr(proc.image_processor, k, v)
+    got = proc(text=texts if len(texts) > 1 else texts[0], images=images if len(texts) > 1 else images[0],
+               **overrides)
     assert_same(want, got)
     return got
 

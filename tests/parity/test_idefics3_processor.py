@@ -158,6 +158,16 @@ def test_without_splitting(tmp_path):
                                                                                       make_image(64, 64)]])
 
 
+def test_per_call_knobs(procs):
+    _, ref, ours, _ = procs
+    images = [[make_image(90, 40)], [make_image(30, 500)]]
+    for kw in ({"do_image_splitting": False}, {"max_image_size": {"longest_edge": 16}},
+               {"size": {"longest_edge": 100}}):
+        want = ref(text=["<image>a", "b <image>"], images=images, return_tensors="pt", padding=True, **kw)
+        assert_same(want, ours(text=["<image>a", "b <image>"], images=images, **kw))
+    assert ours.image_processor.do_image_splitting and ours.image_processor.tile == 32  # unchanged
+
+
 def test_messages_and_errors(procs):
     _, ref, ours, _ = procs
     im = make_image(40, 100)

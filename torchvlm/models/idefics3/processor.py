@@ -83,6 +83,8 @@ class Idefics3Processor(Processor):
     default_chat_template = IDEFICS3_CHAT_TEMPLATE
     chat_adds_no_special_tokens = False
     image_token = "<image>"
+    #: image processor fields that a call may override (``proc(..., do_image_splitting=False)``)
+    call_knobs = ("do_image_splitting", "max_image_size", "size", "do_resize", "resample", "do_pad")
     #: read the special token strings from the tokenizer's ``extra_special_tokens`` (SmolVLM) or not (Idefics3)
     tokens_from_tokenizer = False
 
@@ -135,12 +137,16 @@ class Idefics3Processor(Processor):
         n_images = sum(len(x) for x in per_sample)
         if n_images and self.image_processor is None:
             raise ProcessorError(f"{type(self).__name__}: no image processor, got {n_images} image(s)")
+        overrides = {k: kwargs.pop(k) for k in self.call_knobs if k in kwargs}
+        image_processor = self.image_processor
+        if overrides and image_processor is not None:  # per-call knobs, as HF's images_kwargs
+            image_processor = type(image_processor)({**image_processor.to_dict(), **overrides}, source="call")
         texts = self.prepare_texts(list(texts), per_sample)
         out: dict[str, torch.Tensor] = {}
         replacements: list[str] = []
         if n_images:
             loaded = [self.load_images(sample) for sample in per_sample]
-            pixels, split = self.image_processor.process(loaded)
+            pixels, split = image_processor.process(loaded)
             out.update(pixels)
             replacements = [self.expand_image(s.rows, s.cols) for sample in split for s in sample]
         texts = self._expand_placeholders(texts, per_sample, replacements)
