@@ -96,7 +96,7 @@ class Idefics3Processor(Processor):
         given = tokenizer.extra_special_tokens if self.tokens_from_tokenizer else {}
         self.tokens = {k: given.get(k, v) for k, v in _DEFAULT_TOKENS.items()}
         self.image_token = self.tokens["image_token"]
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.image_token_id = tokenizer.backend.token_to_id(self.image_token)
         if self.image_token_id is None:
             raise ConfigError(f"tokenizer: image token '{self.image_token}' is not in the vocabulary")
         seq_len = self.config.get("image_seq_len")
