@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .errors import ConfigError
 from .nn.activations import get_activation
 
-__all__ = ["LinearProjector", "MLP2xGelu", "PixelShuffleProjector", "pixel_shuffle", "CONNECTORS", "build_connector"]
+__all__ = ["CONNECTORS", "LinearProjector", "MLP2xGelu", "PixelShuffleProjector", "build_connector", "pixel_shuffle"]
 
 
 class LinearProjector(nn.Module):

@@ -9,13 +9,14 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import vlm_checks as vc  # noqa: E402
-from processor_fixtures import assert_same, make_image  # noqa: E402
-from test_idefics3_processor import VISION, save_processor  # noqa: E402
-from torchvlm.errors import ProcessorError  # noqa: E402
-from torchvlm.models.base import VLM  # noqa: E402
-from torchvlm.models.idefics3.model import Idefics3Model  # noqa: E402
-from torchvlm.processing.processor import Processor  # noqa: E402
+import vlm_checks as vc
+from processor_fixtures import assert_same, make_image
+from test_idefics3_processor import VISION, save_processor
+
+from torchvlm.errors import ProcessorError
+from torchvlm.models.base import VLM
+from torchvlm.models.idefics3.model import Idefics3Model
+from torchvlm.processing.processor import Processor
 
 HF_CLASSES = {
     "idefics3": ("Idefics3Config", "Idefics3ForConditionalGeneration"),
@@ -29,9 +30,9 @@ def idefics3(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(kind)
     ref = save_processor(path / "proc", kind)  # the tokenizer decides the image token id
     tok = ref.tokenizer
-    text = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=256, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id)
+    text = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "pad_token_id": tok.pad_token_id,
+            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
     config_cls, model_cls = (getattr(transformers, n) for n in HF_CLASSES[kind])
     torch.manual_seed(0)
     cfg = config_cls(vision_config=VISION, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
@@ -88,7 +89,7 @@ def test_padded_pixels_inside_a_tile(idefics3):
 
 
 def test_model_structure_and_errors(idefics3):
-    kind, _, ref, ours, proc, _ = idefics3
+    kind, _, _, ours, proc, _ = idefics3
     assert type(ours) is Idefics3Model and ours.num_image_tokens == 4
     assert ours.config["model_type"] == kind
     batch = proc(text="<image>hi", images=[make_image(64, 64)])
@@ -105,7 +106,7 @@ def test_model_structure_and_errors(idefics3):
 
 
 def test_save_pretrained_reloads_in_transformers(idefics3, tmp_path):
-    kind, hf, ref, ours, proc, _ = idefics3
+    kind, hf, ref, ours, _, _ = idefics3
     ours.save_pretrained(tmp_path)
     again = getattr(transformers, HF_CLASSES[kind][1]).from_pretrained(tmp_path).eval()
     batch = dict(ref(text=["<image>hi"], images=[[make_image(90, 40)]], return_tensors="pt"))

@@ -8,21 +8,21 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 
-import tiny  # noqa: E402
-from processor_fixtures import assert_same, make_image  # noqa: E402
-from torchvlm.errors import ConfigError, ProcessorError  # noqa: E402
-from torchvlm.models.idefics3.processor import (  # noqa: E402
+import tiny
+from processor_fixtures import assert_same, make_image
+
+from torchvlm.errors import ConfigError, ProcessorError
+from torchvlm.models.idefics3.processor import (
     Idefics3Processor,
     SmolVLMProcessor,
     idefics3_image_seq_len,
     idefics3_num_image_tokens,
 )
-from torchvlm.processing.processor import Processor  # noqa: E402
-from torchvlm.processing.splitting import split_grid  # noqa: E402
+from torchvlm.processing.processor import Processor
+from torchvlm.processing.splitting import split_grid
 
 SPECIALS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>") + tuple(
     f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))
@@ -34,8 +34,8 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 #: tiny tower: 32x32 tiles, patch 8, scale factor 2 -> 4 tokens per tile
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-              patch_size=8)
+VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "image_size": 32, "patch_size": 8}
 KINDS = ("idefics3", "smolvlm")
 
 
@@ -56,8 +56,8 @@ def hf_processor(kind: str, *, longest_edge: int = 64, tile: int = 32, splitting
     """An HF Idefics3 / SmolVLM processor over the tiny llama tokenizer (left padding)."""
     tok = tiny.make_tokenizer(extra_special_tokens=SPECIALS)
     tok.padding_side = "left"
-    kw = dict(size={"longest_edge": longest_edge}, max_image_size={"longest_edge": tile},
-              do_image_splitting=splitting)
+    kw = {"size": {"longest_edge": longest_edge}, "max_image_size": {"longest_edge": tile},
+          "do_image_splitting": splitting}
     if kind == "idefics3":
         return transformers.Idefics3Processor(image_processor=transformers.Idefics3ImageProcessorPil(**kw),
                                               tokenizer=tok, image_seq_len=seq_len, chat_template=CHAT_TEMPLATE)
@@ -190,7 +190,7 @@ def test_messages_and_errors(procs):
 
 
 def test_save_reload_roundtrip(procs, tmp_path):
-    kind, ref, ours, _ = procs
+    kind, _, ours, _ = procs
     ours.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "processor_config.json").read_text())
     assert cfg["image_seq_len"] == 4 and cfg["image_processor"]["max_image_size"] == {"longest_edge": 32}

@@ -22,7 +22,8 @@ image placeholder from exactly these numbers.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,8 +38,15 @@ from torchvlm.processing.image_processors import (
     register_image_processor,
 )
 
-__all__ = ["Idefics3ImageProcessor", "SplitImage", "longest_edge_size", "tile_aligned_size", "split_grid",
-           "pad_tiles", "MAX_IMAGE_SIDE"]
+__all__ = [
+    "MAX_IMAGE_SIDE",
+    "Idefics3ImageProcessor",
+    "SplitImage",
+    "longest_edge_size",
+    "pad_tiles",
+    "split_grid",
+    "tile_aligned_size",
+]
 
 #: absolute cap on either side after the ``longest_edge`` resize (HF: 4k)
 MAX_IMAGE_SIDE = 4096
@@ -93,7 +101,7 @@ def split_grid(height: int, width: int, *, longest_edge: int | None, tile: int, 
 class SplitImage:
     """One processed input image: its tiles (float32 ``[3, M, M]`` arrays, global view last) and grid."""
 
-    __slots__ = ("tiles", "rows", "cols")
+    __slots__ = ("cols", "rows", "tiles")
 
     def __init__(self, tiles: list[np.ndarray], rows: int, cols: int) -> None:
         self.tiles, self.rows, self.cols = tiles, rows, cols

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch import Tensor
 
 from ...config import VLM_SUB_CONFIGS, TextConfig, VisionConfig, sub_config, vlm_reader

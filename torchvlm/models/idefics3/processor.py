@@ -24,14 +24,25 @@ from typing import Any
 
 import torch
 
-from torchvlm.config import VISION_DEFAULTS, VLM_SUB_CONFIGS, ConfigReader, sub_config, vlm_reader
+from torchvlm.config import (
+    VISION_DEFAULTS,
+    VLM_SUB_CONFIGS,
+    ConfigReader,
+    sub_config,
+    vlm_reader,
+)
 from torchvlm.errors import ConfigError, ProcessorError
 from torchvlm.processing.processor import Processor
 from torchvlm.processing.splitting import Idefics3ImageProcessor, SplitImage
 from torchvlm.processing.tokenizer import Tokenizer
 
-__all__ = ["Idefics3Processor", "SmolVLMProcessor", "idefics3_image_seq_len", "idefics3_num_image_tokens",
-           "IDEFICS3_CHAT_TEMPLATE"]
+__all__ = [
+    "IDEFICS3_CHAT_TEMPLATE",
+    "Idefics3Processor",
+    "SmolVLMProcessor",
+    "idefics3_image_seq_len",
+    "idefics3_num_image_tokens",
+]
 
 #: Used when a checkpoint ships no template: ``User:<image>text<end_of_utterance>\nAssistant:`` turns.
 IDEFICS3_CHAT_TEMPLATE = (
