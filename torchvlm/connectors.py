@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from .errors import ConfigError
 from .nn.activations import get_activation
 
-__all__ = ["CONNECTORS", "LinearProjector", "MLP2xGelu", "PixelShuffleProjector", "build_connector", "pixel_shuffle"]
+__all__ = ["CONNECTORS", "LinearProjector", "MLP2xGelu", "PixelShuffleMLP", "PixelShuffleProjector", "build_connector",
+           "pixel_shuffle"]
 
 
 class LinearProjector(nn.Module):
@@ -77,10 +78,29 @@ class PixelShuffleProjector(nn.Module):
         return self.proj(pixel_shuffle(x, self.scale_factor))
 
 
+class PixelShuffleMLP(nn.Module):
+    """InternVL connector: :func:`pixel_shuffle` by ``scale_factor``, then ``layer_norm`` (LayerNorm, eps 1e-5)
+    -> ``linear_1`` -> ``act`` -> ``linear_2`` (HF ``InternVLMultiModalProjector``)."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, scale_factor: int = 2, act: str = "gelu") -> None:
+        super().__init__()
+        self.scale_factor = scale_factor
+        dim = in_dim * scale_factor * scale_factor
+        self.layer_norm = nn.LayerNorm(dim)
+        self.linear_1 = nn.Linear(dim, out_dim)
+        self.act = get_activation(act, "projector_hidden_act")
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[N, side*side, in_dim]`` -> ``[N, (side/scale_factor)**2, out_dim]``."""
+        return self.linear_2(self.act(self.linear_1(self.layer_norm(pixel_shuffle(x, self.scale_factor)))))
+
+
 CONNECTORS: dict[str, Callable[..., nn.Module]] = {
     "linear": LinearProjector,
     "mlp2x_gelu": MLP2xGelu,
     "pixel_shuffle": PixelShuffleProjector,
+    "pixel_shuffle_mlp": PixelShuffleMLP,
 }
 
 
