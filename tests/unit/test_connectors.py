@@ -37,7 +37,7 @@ def test_shapes_and_registry():
     x = torch.randn(2, 5, 32)
     assert build_connector("linear", 32, 48)(x).shape == (2, 5, 48)
     assert build_connector("mlp2x_gelu", 32, 48, act="gelu", bias=False)(x).shape == (2, 5, 48)
-    assert set(CONNECTORS) == {"linear", "mlp2x_gelu", "pixel_shuffle"}
+    assert set(CONNECTORS) == {"linear", "mlp2x_gelu", "pixel_shuffle", "pixel_shuffle_mlp"}
     names = {"linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
     assert set(MLP2xGelu(32, 48).state_dict()) == names
     assert set(LinearProjector(32, 48, bias=False).state_dict()) == {"linear.weight"}
