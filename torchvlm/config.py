@@ -184,6 +184,10 @@ VLM_DEFAULTS: dict[str, dict[str, Any]] = {
        for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")},
     **{family: {"image_token_id": 128257, "tie_word_embeddings": False, "scale_factor": 2}
        for family in ("idefics3", "smolvlm")},
+    # HF InternVLConfig; HF ties the LM head to the embeddings by this top-level flag alone
+    "internvl": {"image_token_id": 151667, "image_seq_length": 256, "downsample_ratio": 0.5,
+                 "projector_hidden_act": "gelu", "vision_feature_layer": -1, "vision_feature_select_strategy": "default",
+                 "tie_word_embeddings": True},
 }
 
 #: Sub-configs of a VLM: ``(default model_type, fields used when the whole sub-config is absent)``.
@@ -217,6 +221,8 @@ VLM_SUB_CONFIGS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
     # HF builds an absent text_config as Llama with rms_norm_eps 1e-5
     "idefics3": {"text_config": ("llama", {"rms_norm_eps": 1e-5}), "vision_config": ("idefics3_vision", {})},
     "smolvlm": {"text_config": ("llama", {"rms_norm_eps": 1e-5}), "vision_config": ("smolvlm_vision", {})},
+    # InternViT's defaults live with the tower (torchvlm.vision.intern_vit.INTERN_VISION_DEFAULTS)
+    "internvl": {"text_config": ("qwen2", {}), "vision_config": ("internvl_vision", {})},
 }
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
