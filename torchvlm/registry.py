@@ -21,6 +21,7 @@ FAMILIES: dict[str, str] = {
     # SmolVLM / SmolVLM2 are Idefics3 under another model_type (its defaults are keyed by it in config.py)
     "idefics3": "torchvlm.models.idefics3.model:Idefics3Model",
     "smolvlm": "torchvlm.models.idefics3.model:Idefics3Model",
+    "internvl": "torchvlm.models.internvl.model:InternVLModel",
     # plain decoders: text chat and LM backbones (one class, the decoder flags come from config.TEXT_FLAVOURS)
     "llama": "torchvlm.models.text_lm:TextLM",
     "mistral": "torchvlm.models.text_lm:TextLM",
@@ -40,6 +41,7 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen3VLForConditionalGeneration": "qwen3_vl",
     "Idefics3ForConditionalGeneration": "idefics3",
     "SmolVLMForConditionalGeneration": "smolvlm",
+    "InternVLForConditionalGeneration": "internvl",
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
