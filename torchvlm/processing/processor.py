@@ -58,6 +58,8 @@ PROCESSORS: dict[str, str] = {
     "Idefics3Processor": "torchvlm.models.idefics3.processor:Idefics3Processor",
     "smolvlm": "torchvlm.models.idefics3.processor:SmolVLMProcessor",
     "SmolVLMProcessor": "torchvlm.models.idefics3.processor:SmolVLMProcessor",
+    "internvl": "torchvlm.models.internvl.processor:InternVLProcessor",
+    "InternVLProcessor": "torchvlm.models.internvl.processor:InternVLProcessor",
 }
 
 #: model_types served by the plain text-only :class:`Processor` (tokenizer + chat template).
