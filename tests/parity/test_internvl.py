@@ -130,3 +130,18 @@ def test_save_pretrained_reloads_in_transformers(internvl, tmp_path):
     batch = dict(ref(text=["<IMG_CONTEXT>hi"], images=[[make_image(90, 40)]], return_tensors="pt"))
     with torch.no_grad():
         torch.testing.assert_close(again(**batch).logits, hf(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_loads_in_memory_layout(internvl, tmp_path):
+    """``model.vision_tower.*`` / ``model.language_model.*`` / ``lm_head`` (transformers' module names) load too."""
+    from safetensors.torch import save_file
+
+    _, hf, ref, _, _, path = internvl
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    if hf.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    ours = VLM.from_pretrained(tmp_path, dtype=torch.float32)
+    batch = dict(ref(text=["<IMG_CONTEXT>hi"], images=[[make_image(30, 500)]], return_tensors="pt"))
+    vc.assert_logits_match(hf, ours, batch)
