@@ -6,8 +6,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/tiny.py
+
+# The test models are tiny: one intra-op thread beats OpenMP's hand-offs on every small op, and on a busy
+# machine (a 2-core CI box, or tests running beside other work) two spinning threads can make the suite tens
+# of times slower (tests/parity/test_llava.py + test_qwen_vl.py: 5 s with one thread, 190 s with two under
+# load). Benchmarks and the CLI's `bench` set their own thread counts.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -33,15 +33,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one intra-op thread avoids thread hand-offs that cost seconds on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def internvl(request, tmp_path_factory):
     variant = VARIANTS[request.param]
