@@ -17,7 +17,8 @@ Mapping and strictness
 ----------------------
 :class:`WeightMap` declares, as data, how checkpoint names become module names (``rename`` regexes applied
 in order with :func:`re.sub`), which checkpoint tensors to skip (``ignore``) and which module tensors may be
-absent (``optional``). :func:`load_weights` refuses to leave anything unexplained: a missing, unexpected or
+absent (``optional``), and which checkpoint tensors hold several module tensors concatenated along dim 0 (``split``,
+e.g. a fused ``qkv`` into ``q_proj`` / ``k_proj`` / ``v_proj``). :func:`load_weights` refuses to leave anything unexplained: a missing, unexpected or
 wrongly shaped weight is a :class:`~torchvlm.errors.CheckpointError` naming the key and the file.
 
 Writing
@@ -409,6 +410,11 @@ class WeightMap:
       checkpoint key and against its renamed form.
     * ``optional``: regexes (:func:`re.search`) of module keys that may be absent from the checkpoint (e.g.
       ``lm_head.weight`` when tied to the embeddings).
+    * ``split``: ``(regex, (template, ...))`` pairs for a checkpoint tensor that holds several module tensors
+      concatenated along dim 0 (a fused ``qkv``). The regex is matched (:func:`re.fullmatch`) against the
+      *renamed* key; each template is expanded with the match's groups (:meth:`re.Match.expand`) into one
+      module key. The parts are cut in template order, each as long along dim 0 as its module tensor (the
+      model is built on the meta device, so the sizes are known); the other dims must be equal.
 
     Anchor patterns (``^...$``) where a bare search would match too much.
     """
@@ -416,12 +422,21 @@ class WeightMap:
     rename: tuple[tuple[str, str], ...] = ()
     ignore: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
+    split: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def map_key(self, key: str) -> str:
-        """Module name for checkpoint key ``key``."""
+        """Module name for checkpoint key ``key`` (before any ``split``)."""
         for pattern, repl in self.rename:
             key = re.sub(pattern, repl, key)
         return key
+
+    def split_keys(self, mapped: str) -> tuple[str, ...] | None:
+        """The module keys the renamed checkpoint key ``mapped`` is split into, or None when it is not split."""
+        for pattern, templates in self.split:
+            m = re.fullmatch(pattern, mapped)
+            if m is not None:
+                return tuple(m.expand(t) for t in templates)
+        return None
 
     def is_ignored(self, key: str, mapped: str | None = None) -> bool:
         """Whether checkpoint key ``key`` (renamed: ``mapped``) is to be skipped."""
@@ -526,21 +541,26 @@ def load_weights(
 
     # 1. map names
     to_load: dict[str, str] = {}  # module key -> checkpoint key
+    parts: dict[str, tuple[str, ...]] = {}  # split checkpoint key -> its module keys, in order
     unexpected: list[str] = []
     for ck in ckpt_keys:
         mk = weight_map.map_key(ck)
         if weight_map.is_ignored(ck, mk):
             continue
-        if mk not in expected:
+        targets = weight_map.split_keys(mk)
+        if targets is not None:
+            parts[ck] = targets
+        if any(t not in expected for t in targets or (mk,)):
             unexpected.append(ck)
             continue
-        if mk in to_load:
-            other = to_load[mk]
-            raise CheckpointError(
-                f"checkpoint weights '{other}' ({source.file_of(other)}) and '{ck}' ({source.file_of(ck)}) both map "
-                f"to model weight '{mk}'"
-            )
-        to_load[mk] = ck
+        for t in targets or (mk,):
+            if t in to_load:
+                other = to_load[t]
+                raise CheckpointError(
+                    f"checkpoint weights '{other}' ({source.file_of(other)}) and '{ck}' ({source.file_of(ck)}) both "
+                    f"map to model weight '{t}'"
+                )
+            to_load[t] = ck
     missing = [k for k in expected if k not in to_load and not weight_map.is_optional(k)]
 
     def unexpected_text() -> str:
@@ -558,8 +578,20 @@ def load_weights(
         raise CheckpointError(f"unexpected {noun} {unexpected_text()} (no matching model weight)")
 
     # 2. shapes, before reading anything
+    for ck, targets in parts.items():
+        have = tuple(source.shape(ck))
+        wants = [tuple(expected[t].shape) for t in targets]
+        rows = sum(w[0] if w else 0 for w in wants)
+        if not have or any(not w or w[1:] != have[1:] for w in wants) or rows != have[0]:
+            need = " + ".join(_fmt_shape(w) for w in wants)
+            raise CheckpointError(
+                f"cannot split weight '{ck}' in {source.file_of(ck)} into {_few(list(targets), len(targets))}: "
+                f"checkpoint has {_fmt_shape(have)}, the parts need {need} (concatenated along dim 0)"
+            )
     bad = []
     for mk, ck in to_load.items():
+        if ck in parts:
+            continue
         want = tuple(expected[mk].shape)
         have = tuple(source.shape(ck))
         if want != have:
@@ -577,20 +609,31 @@ def load_weights(
 
     # 3. read, tensor by tensor, straight into target dtype/device
     nbytes = getattr(source, "nbytes", None)
+    reads = list(dict.fromkeys(to_load.values()))  # checkpoint keys, each read once
     total = 0
-    for ck in to_load.values():
+    for ck in reads:
         total += nbytes(ck) if callable(nbytes) else _numel(source.shape(ck)) * 2
-    n_files = len({source.file_of(ck) for ck in to_load.values()})
-    bar = _progress(len(to_load), enabled=n_files > 1 or total > _PROGRESS_BYTES)
+    n_files = len({source.file_of(ck) for ck in reads})
+    bar = _progress(len(reads), enabled=n_files > 1 or total > _PROGRESS_BYTES)
+    by_ckpt: dict[str, list[str]] = {}
+    for mk, ck in to_load.items():
+        by_ckpt.setdefault(ck, []).append(mk)
     state: dict[str, Tensor] = {}
     try:
-        for mk, ck in to_load.items():
-            ref = expected[mk]
+        for ck in reads:
+            mks = list(parts.get(ck, by_ckpt[ck]))
+            ref = expected[mks[0]]
             target = dtype if ref.is_floating_point() else ref.dtype
             t = source.get(ck, dtype=target, device=device)
             if t.dtype != target or t.device != device:
                 t = t.to(device=device, dtype=target)
-            state[mk] = t
+            if ck in parts:  # each part gets storage of its own (the fused tensor is freed)
+                sizes = [int(expected[mk].shape[0]) for mk in mks]
+                for mk, piece in zip(mks, torch.split(t, sizes, dim=0)):
+                    state[mk] = piece.clone()
+                del t
+            else:
+                state[mks[0]] = t
             if bar is not None:
                 bar.update(1)
     finally:
