@@ -429,3 +429,61 @@ def test_bad_index_json_names_file_as_checkpoint_error(tmp_path):
     assert "JSON object" in _err(lambda: SafetensorsSource(tmp_path))
     (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {}}')
     assert "weight_map" in _err(lambda: SafetensorsSource(tmp_path))
+
+
+class _QKV(nn.Module):
+    def __init__(self, kv: int = 2):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"q_proj": nn.Linear(4, 4), "k_proj": nn.Linear(4, kv),
+                                                   "v_proj": nn.Linear(4, kv)}) for _ in range(2))
+
+
+_SPLIT = WeightMap(rename=((r"^enc\.", "blocks."),),
+                   split=((r"(blocks\.\d+)\.qkv\.(weight|bias)", (r"\1.q_proj.\2", r"\1.k_proj.\2", r"\1.v_proj.\2")),))
+
+
+def _fused(ref: nn.Module) -> dict:
+    return {f"enc.{i}.qkv.{p}": torch.cat([getattr(b[n], p) for n in ("q_proj", "k_proj", "v_proj")]).detach()
+            for i, b in enumerate(ref.blocks) for p in ("weight", "bias")}
+
+
+def test_split_fused_tensor_by_target_shapes(tmp_path):
+    torch.manual_seed(0)
+    ref = _QKV()
+    save_weights(_fused(ref), tmp_path)
+    m = _meta(_QKV)
+    load_weights(m, SafetensorsSource(tmp_path), _SPLIT, dtype=torch.float32)
+    for name, want in ref.state_dict().items():  # unequal parts (4 + 2 + 2 rows), each with its own storage
+        got = m.state_dict()[name]
+        assert torch.equal(got, want), name
+        assert got.untyped_storage().nbytes() == want.numel() * 4, name
+    assert _SPLIT.split_keys("blocks.0.qkv.weight") == ("blocks.0.q_proj.weight", "blocks.0.k_proj.weight",
+                                                        "blocks.0.v_proj.weight")
+    assert _SPLIT.split_keys("blocks.0.q_proj.weight") is None
+
+
+def test_split_errors_name_key_and_file(tmp_path):
+    torch.manual_seed(0)
+    fused = _fused(_QKV())
+    # parts that do not add up to the stored dim 0 (the model expects 4 + 4 + 4 rows, the checkpoint has 8)
+    save_weights(fused, tmp_path / "rows")
+    msg = _err(lambda: load_weights(_meta(lambda: _QKV(kv=4)), SafetensorsSource(tmp_path / "rows"), _SPLIT,
+                                    dtype=torch.float32))
+    assert "cannot split weight 'enc.0.qkv." in msg and "model.safetensors" in msg and "(8, 4)" in msg
+    assert "(4, 4) + (4, 4) + (4, 4)" in msg
+    # other dims differ
+    save_weights({**fused, "enc.1.qkv.weight": torch.ones(8, 5)}, tmp_path / "cols")
+    msg = _err(lambda: load_weights(_meta(_QKV), SafetensorsSource(tmp_path / "cols"), _SPLIT, dtype=torch.float32))
+    assert "'enc.1.qkv.weight'" in msg and "(8, 5)" in msg
+    # missing: a split key absent; unexpected: a split key whose parts the model lacks
+    save_weights({k: v for k, v in fused.items() if k != "enc.1.qkv.bias"}, tmp_path / "missing")
+    msg = _err(lambda: load_weights(_meta(_QKV), SafetensorsSource(tmp_path / "missing"), _SPLIT,
+                                    dtype=torch.float32))
+    assert "missing 3 weights" in msg and "'blocks.1.q_proj.bias'" in msg
+    save_weights({**fused, "enc.2.qkv.bias": torch.ones(8)}, tmp_path / "extra")
+    msg = _err(lambda: load_weights(_meta(_QKV), SafetensorsSource(tmp_path / "extra"), _SPLIT, dtype=torch.float32))
+    assert "unexpected weight 'enc.2.qkv.bias'" in msg and "model.safetensors" in msg
+    # a split part also given on its own
+    src = DictSource({**fused, "blocks.0.k_proj.bias": torch.ones(2)})
+    msg = _err(lambda: load_weights(_meta(_QKV), src, _SPLIT, dtype=torch.float32))
+    assert "'enc.0.qkv.bias'" in msg and "'blocks.0.k_proj.bias'" in msg and "both map" in msg
