@@ -238,6 +238,8 @@ class VLM(nn.Module):
         impl = registry.model_class(config, where)
         if cls is not VLM and not issubclass(impl, cls):
             raise ConfigError(f"{where}: checkpoint is a '{impl.__name__}', not a '{cls.__name__}'")
+        if path.is_dir():
+            config = impl.checkpoint_config(config, path)
         device = check_device(device)
         dtype = parse_dtype(dtype) or _dtype_from_config(config, device)
         with torch.device("meta"):
@@ -252,6 +254,13 @@ class VLM(nn.Module):
             quantize_model(model, quantize, tied_head="int8")
             model.quantized = quantize
         return model.eval()
+
+    @classmethod
+    def checkpoint_config(cls, config: dict, path: Path) -> dict:
+        """``config.json`` completed from other files of the checkpoint directory ``path``, before
+        :meth:`from_config` (e.g. a remote-code InternVL config takes its image token id from the tokenizer).
+        Default: as is."""
+        return config
 
     @classmethod
     def from_config(cls, config: dict, where: str = "config.json") -> "VLM":
