@@ -22,6 +22,8 @@ FAMILIES: dict[str, str] = {
     "idefics3": "torchvlm.models.idefics3.model:Idefics3Model",
     "smolvlm": "torchvlm.models.idefics3.model:Idefics3Model",
     "internvl": "torchvlm.models.internvl.model:InternVLModel",
+    # the original OpenGVLab remote-code layout of the same models (config rewritten, weights renamed)
+    "internvl_chat": "torchvlm.models.internvl.model:InternVLModel",
     # plain decoders: text chat and LM backbones (one class, the decoder flags come from config.TEXT_FLAVOURS)
     "llama": "torchvlm.models.text_lm:TextLM",
     "mistral": "torchvlm.models.text_lm:TextLM",
@@ -42,6 +44,7 @@ ARCHITECTURES: dict[str, str] = {
     "Idefics3ForConditionalGeneration": "idefics3",
     "SmolVLMForConditionalGeneration": "smolvlm",
     "InternVLForConditionalGeneration": "internvl",
+    "InternVLChatModel": "internvl_chat",
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
