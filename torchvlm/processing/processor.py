@@ -60,6 +60,7 @@ PROCESSORS: dict[str, str] = {
     "SmolVLMProcessor": "torchvlm.models.idefics3.processor:SmolVLMProcessor",
     "internvl": "torchvlm.models.internvl.processor:InternVLProcessor",
     "InternVLProcessor": "torchvlm.models.internvl.processor:InternVLProcessor",
+    "internvl_chat": "torchvlm.models.internvl.processor:InternVLChatProcessor",
 }
 
 #: model_types served by the plain text-only :class:`Processor` (tokenizer + chat template).
