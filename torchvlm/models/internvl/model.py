@@ -5,6 +5,9 @@ InternViT (:mod:`torchvlm.vision.intern_vit`) over each ``image_size`` tile -> t
 MLP (``pixel_shuffle_mlp`` connector) -> the shared decoder (Qwen2, Qwen3, Llama, ... from ``text_config``).
 Every tile, thumbnail included, gives :func:`~torchvlm.models.internvl.processor.internvl_tile_tokens` tokens,
 in prompt order; the base class checks their total against the ``<IMG_CONTEXT>`` tokens of the prompt.
+
+The original remote-code checkpoints (``internvl_chat``) load too: their config is rewritten into the transformers
+form (:mod:`~torchvlm.models.internvl.remote`), their weight names are in :mod:`~torchvlm.models.internvl.weights`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from ...vision.intern_vit import InternVisionConfig, InternVisionTransformer
 from ..base import VLM, ImageFeatures
 from ..text_lm import tie_aware
 from .processor import internvl_shuffle_factor, internvl_tile_tokens
+from .remote import image_token_id_from_tokenizer, is_remote_config, remote_to_hf_config
 from .weights import SAVE_RENAME, WEIGHT_MAP
 
 
@@ -33,6 +37,8 @@ class InternVLModel(VLM):
     def from_config(cls, config: dict, where: str = "config.json") -> InternVLModel:
         """Build from a ``config.json`` dict; missing fields mean what they mean in HF's ``InternVLConfig``
         (:data:`torchvlm.config.VLM_DEFAULTS`, :data:`torchvlm.vision.intern_vit.INTERN_VISION_DEFAULTS`)."""
+        if is_remote_config(config):  # the original remote-code layout: rewritten into transformers' form
+            config = remote_to_hf_config(config, where)
         top = vlm_reader(config, "internvl", where)
         text = TextConfig.from_hf(sub_config(config, "text_config", "internvl", where), where, "text_config")
         vision = InternVisionConfig.from_hf(sub_config(config, "vision_config", "internvl", where), where)
@@ -56,6 +62,15 @@ class InternVLModel(VLM):
         )
         model.weight_map = tie_aware(cls.weight_map, text)
         return model
+
+    @classmethod
+    def checkpoint_config(cls, config: dict, path) -> dict:
+        """A remote-code config gets its image token id from the checkpoint's tokenizer files."""
+        if is_remote_config(config) and config.get("img_context_token_id") is None:
+            token_id = image_token_id_from_tokenizer(path)
+            if token_id is not None:
+                config = {**config, "img_context_token_id": token_id}
+        return config
 
     def image_features(self, pixel_values: Tensor, **extra) -> ImageFeatures:
         """Tokens ``[N_tiles, tile_tokens, D]`` (grid ``(side, side)``), tiles in the order given."""

@@ -43,6 +43,7 @@ from torchvlm.processing.tokenizer import Tokenizer
 __all__ = [
     "INTERNVL_CHAT_TEMPLATE",
     "GotOcr2ImageProcessor",
+    "InternVLChatProcessor",
     "InternVLProcessor",
     "internvl_num_image_tokens",
     "internvl_shuffle_factor",
@@ -307,3 +308,33 @@ class InternVLProcessor(Processor):
         cfg = super().processor_config()
         cfg["image_seq_length"] = self.image_seq_length
         return cfg
+
+
+class InternVLChatProcessor(InternVLProcessor):
+    """The processor of an original remote-code checkpoint (``internvl_chat``), which ships tokenizer files but
+    no processor / preprocessor config: the tiling knobs come from ``config.json`` (``force_image_size``,
+    ``dynamic_image_size``, ``min_dynamic_patch`` / ``max_dynamic_patch``, ``use_thumbnail``; ImageNet mean / std,
+    bicubic; :func:`~torchvlm.models.internvl.remote.remote_processor_config`) and, when the tokenizer has no chat
+    template, the ``template`` field picks a ChatML one (:func:`~torchvlm.models.internvl.remote.remote_chat_template`).
+    Saved, it is an ordinary ``InternVLProcessor``."""
+
+    @classmethod
+    def _from_dir(cls, d, *, model_config: dict, processor_config: dict, **kwargs: Any) -> Processor:
+        from torchvlm.models.internvl.remote import (
+            image_token_id_from_tokenizer,
+            remote_chat_template,
+            remote_processor_config,
+            remote_to_hf_config,
+        )
+        from torchvlm.processing.image_processors import image_processor_from_dict
+
+        where = str(d / "config.json")
+        ip_config = remote_processor_config(model_config, where)
+        if not ip_config.pop("crop_to_patches"):  # without dynamic_image_size every image is one tile
+            ip_config["max_patches"] = 1
+        image_processor = image_processor_from_dict(ip_config, source=f"{where} (remote-code InternVL)")
+        tokenizer = Tokenizer.from_pretrained(d)
+        template = tokenizer.chat_template or remote_chat_template(model_config, where)
+        hf_config = remote_to_hf_config(model_config, where, image_token_id_from_tokenizer(d))
+        knobs = {k: v for k, v in processor_config.items() if k != "image_processor"}
+        return cls(tokenizer, image_processor, chat_template=template, config=knobs, model_config=hf_config, **kwargs)
