@@ -156,6 +156,8 @@ def cmd_info(ns: argparse.Namespace) -> int:
         config, where = read_config(path), str(path / "config.json")
     family = registry.family_of(config, where)
     cls = registry.model_class(config, where)
+    if path.is_dir():
+        config = cls.checkpoint_config(config, path)
     import torch
 
     with torch.device("meta"):
