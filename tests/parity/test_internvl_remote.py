@@ -195,3 +195,12 @@ def test_config_errors(remote):
         from torchvlm.models.internvl.remote import remote_chat_template
 
         remote_chat_template({**config, "template": "internlm2-chat"})
+
+
+def test_cli_info(remote, capsys):
+    from torchvlm.cli import main
+
+    *_, path = remote
+    assert main(["info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "internvl_chat" and info["class"] == "InternVLModel"
