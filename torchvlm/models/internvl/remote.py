@@ -28,8 +28,8 @@ from typing import Any
 from ...config import ConfigReader
 from ...errors import ConfigError
 
-__all__ = ["IMAGE_CONTEXT_TOKEN", "is_remote_config", "image_token_id_from_tokenizer", "remote_to_hf_config",
-           "remote_processor_config", "REMOTE_TEMPLATES"]
+__all__ = ["IMAGE_CONTEXT_TOKEN", "REMOTE_TEMPLATES", "image_token_id_from_tokenizer", "is_remote_config",
+           "remote_chat_template", "remote_processor_config", "remote_to_hf_config"]
 
 IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 
