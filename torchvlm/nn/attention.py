@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+#: Dtypes whose one-query CPU attention runs in float32 (see :func:`attention`).
+_UPCAST_DTYPES = (torch.bfloat16, torch.float16)
+
 
 def attention(
     q: Tensor,
@@ -45,6 +48,17 @@ def attention(
     if hq % hkv:
         raise ValueError(f"attention: {hq} query heads is not a multiple of {hkv} key/value heads")
     if softcap is None:  # SDPA handles GQA itself, without materialising repeated K/V
+        if q.shape[-2] == 1 and q.dtype in _UPCAST_DTYPES and q.is_cpu and not dropout_p:
+            # A one-query (decode) step in bf16/fp16 on CPU: the reduced-precision SDPA kernel is several
+            # times slower there than the float32 one on upcast inputs (about 0.7 us per key per head
+            # group; docs/performance.md), and float32 is the more accurate of the two.
+            if mask is not None and mask.is_floating_point():
+                mask = mask.float()
+            out = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal and mask is None, scale=scale,
+                enable_gqa=hq != hkv,
+            )
+            return out.to(q.dtype)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, scale=scale, dropout_p=dropout_p,
             enable_gqa=hq != hkv,
