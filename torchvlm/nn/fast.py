@@ -1,0 +1,212 @@
+"""Inference layouts of a loaded model: fused projections and prepacked CPU weights.
+
+Both are post-load transforms of a model whose weights were loaded under their Hugging Face names; neither
+changes what the model computes (tests/unit/test_fast_paths.py):
+
+- :func:`fuse_projections`: the q/k/v projections of every text-decoder attention become one ``qkv_proj``
+  Linear, and the gate/up projections of every gated MLP one ``gate_up_proj`` (one GEMM instead of three
+  and two). Exact: each output element is the same dot product. ``state_dict()`` still reports (and
+  ``load_state_dict()`` still takes) the HF names ``q_proj`` / ``k_proj`` / ``v_proj`` / ``gate_proj`` /
+  ``up_proj``, so ``save_pretrained`` writes an ordinary checkpoint. Quantize *after* fusing: a fused layer
+  is then quantized as one (int8/int4 scales are per output row or row group, so the codes are those of the
+  separate layers).
+- :func:`pack_linears`: bf16/fp16 ``nn.Linear`` layers on the CPU keep their weight in oneDNN's blocked
+  layout (:class:`PackedLinear`), which the oneDNN matmul reads about twice as fast for the few-row
+  products of a decode step as a plain ``F.linear`` (which re-lays the weight out on each call). Bit-identical
+  results (same kernel). Inference only: the packed weight is no parameter (no gradient, ``model.to(dtype)``
+  does not convert it); ``state_dict()`` unpacks it under the usual ``weight`` name.
+
+:func:`optimize_for_inference` applies both. docs/performance.md has the measurements.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["PackedLinear", "fuse_projections", "pack_linears", "optimize_for_inference", "can_pack"]
+
+_PACK_DTYPES = (torch.bfloat16, torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------- fusion
+def _cat_linears(linears: list[nn.Linear]) -> nn.Linear:
+    w0 = linears[0].weight
+    has_bias = linears[0].bias is not None
+    fused = nn.Linear(w0.shape[1], sum(lin.out_features for lin in linears), bias=has_bias,
+                      device=w0.device, dtype=w0.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([lin.weight.detach() for lin in linears]))
+        if has_bias:
+            fused.bias.copy_(torch.cat([lin.bias.detach() for lin in linears]))
+    fused.weight.requires_grad_(w0.requires_grad)
+    if has_bias:
+        fused.bias.requires_grad_(linears[0].bias.requires_grad)
+    return fused
+
+
+def _fusable(linears: list) -> bool:
+    if not all(type(lin) is nn.Linear for lin in linears):  # quantized / packed / missing: leave alone
+        return False
+    w = [lin.weight for lin in linears]
+    return (not any(t.is_meta for t in w) and len({(t.dtype, t.device, t.shape[1]) for t in w}) == 1
+            and len({lin.bias is None for lin in linears}) == 1)
+
+
+def _split_hook(fused: str, parts: tuple[str, ...], sizes: list[int]):
+    """state_dict post hook: ``<fused>.weight/bias`` -> the parts' HF names."""
+
+    def hook(module, state_dict, prefix, local_metadata):
+        for kind in ("weight", "bias"):
+            key = f"{prefix}{fused}.{kind}"
+            if key not in state_dict:
+                continue
+            for name, chunk in zip(parts, state_dict.pop(key).split(sizes, dim=0)):
+                state_dict[f"{prefix}{name}.{kind}"] = chunk
+
+    return hook
+
+
+def _join_hook(fused: str, parts: tuple[str, ...]):
+    """load_state_dict pre hook: the parts' HF names -> ``<fused>.weight/bias``."""
+
+    def hook(module, state_dict, prefix, *args):
+        for kind in ("weight", "bias"):
+            keys = [f"{prefix}{name}.{kind}" for name in parts]
+            if all(k in state_dict for k in keys):
+                state_dict[f"{prefix}{fused}.{kind}"] = torch.cat([state_dict.pop(k) for k in keys])
+
+    return hook
+
+
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Fuse q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj`` in every text-decoder attention and
+    gated MLP of ``model`` (in place; returns ``model``). Layers that are already fused, quantized or not
+    plain float ``nn.Linear`` are left as they are. See the module docstring."""
+    from ..text.decoder import Attention
+    from .mlp import GatedMLP
+
+    for module in list(model.modules()):
+        if isinstance(module, Attention):
+            fused, parts = "qkv_proj", ("q_proj", "k_proj", "v_proj")
+        elif isinstance(module, GatedMLP):
+            fused, parts = "gate_up_proj", ("gate_proj", "up_proj")
+        else:
+            continue
+        linears = [getattr(module, name, None) for name in parts]
+        if getattr(module, fused, None) is not None or not _fusable(linears):
+            continue
+        sizes = [lin.out_features for lin in linears]
+        setattr(module, fused, _cat_linears(linears))
+        for name in parts:
+            delattr(module, name)
+        module.register_state_dict_post_hook(_split_hook(fused, parts, sizes))
+        module.register_load_state_dict_pre_hook(_join_hook(fused, parts))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- packing
+def can_pack(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether this PyTorch build can prepack ``dtype`` linear weights for oneDNN on the CPU."""
+    if dtype not in _PACK_DTYPES or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        ops = torch.ops.mkldnn
+        if dtype is torch.bfloat16 and not ops._is_mkldnn_bf16_supported():
+            return False
+        if dtype is torch.float16 and not ops._is_mkldnn_fp16_supported():
+            return False
+        w = torch.ones(16, 16, dtype=dtype)
+        y = ops._linear_pointwise(torch.ones(1, 16, dtype=dtype), ops._reorder_linear_weight(w, 1), None,
+                                  "none", [], "")
+        return bool((y == 16).all())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class PackedLinear(nn.Module):
+    """An ``nn.Linear`` (bf16/fp16, CPU) whose weight is kept in oneDNN's prepacked layout (inference only).
+
+    The packed weight is a non-persistent buffer ``packed_weight``; ``state_dict()`` gives it back unpacked
+    as ``weight`` (and ``load_state_dict`` repacks a ``weight``), so checkpoints keep the ``nn.Linear`` form.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(w, 1), persistent=False)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.register_state_dict_post_hook(PackedLinear._unpack_hook)
+        self.register_load_state_dict_pre_hook(PackedLinear._repack_hook)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.packed_weight.dtype
+
+    @property
+    def weight(self) -> Tensor:
+        """The plain ``[out, in]`` weight (a copy: prefer calling the module)."""
+        return self.packed_weight.to_dense()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+    @staticmethod
+    def _unpack_hook(module, state_dict, prefix, local_metadata):
+        state_dict[prefix + "weight"] = module.packed_weight.to_dense()
+
+    @staticmethod
+    def _repack_hook(module, state_dict, prefix, *args):
+        key = prefix + "weight"
+        if key in state_dict:
+            w = state_dict.pop(key).to(module.dtype)
+            module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               f"dtype={self.dtype}, layout=onednn-packed"
+
+
+def pack_linears(model: nn.Module, *, include=None) -> nn.Module:
+    """Replace the bf16/fp16 CPU ``nn.Linear`` layers of ``model`` by :class:`PackedLinear` (in place).
+
+    ``include(name, linear) -> bool`` picks layers by dotted name (default: every such layer under
+    ``language_model``, or every one in a model without a ``language_model``). A no-op where
+    :func:`can_pack` is False. float32 layers are left alone: oneDNN's packed float32 product rounds
+    differently from ``F.linear`` (MKL) and was not faster for one row (docs/performance.md).
+    """
+    if include is None:
+        scoped = isinstance(getattr(model, "language_model", None), nn.Module)
+        include = (lambda name, lin: name.startswith("language_model.")) if scoped else (lambda name, lin: True)
+    ok: dict[torch.dtype, bool] = {}
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            name = prefix + child_name
+            if type(child) is nn.Linear:
+                w = child.weight
+                if w.is_cpu and w.dtype in _PACK_DTYPES and include(name, child):
+                    if w.dtype not in ok:
+                        ok[w.dtype] = can_pack(w.dtype)
+                    if ok[w.dtype]:
+                        setattr(parent, child_name, PackedLinear(child))
+            else:
+                visit(child, name + ".")
+
+    visit(model, "")
+    return model
+
+
+def optimize_for_inference(model: nn.Module, *, fuse: bool = True, pack: bool = True) -> nn.Module:
+    """:func:`fuse_projections` then :func:`pack_linears` (in place; returns ``model``). Apply it after
+    loading (and after quantizing: quantized layers are neither fused nor packed; to fuse quantized layers,
+    fuse before quantizing, as ``VLM.from_pretrained(quantize=...)`` does)."""
+    if fuse:
+        fuse_projections(model)
+    if pack:
+        pack_linears(model)
+    return model
+
