@@ -165,3 +165,66 @@ def test_one_query_low_precision_attention_is_accurate(dtype):
     # inputs rounded to dtype, float32 maths, output rounded once
     eps = torch.finfo(dtype).eps
     assert (got.double() - ref).abs().max() < 16 * eps
+
+
+# ------------------------------------------------------------------------------------------------ compiled step
+@pytest.fixture(scope="module")
+def llama_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fast_compile")
+    _save(path, "llama")
+    return path
+
+
+def _eager_and_compiled_step_logits(model, ids, mask):
+    """Prefill, then one decode step eagerly and one through the compiled step on twin caches."""
+    from torchvlm.generation.compiled import CompiledDecoder
+
+    lm = model.language_model
+    b, t = ids.shape
+    total = t + 4
+    with torch.inference_mode():
+        inputs = model.prepare_inputs(ids, mask)
+        caches = [lm.new_cache(b, total) for _ in range(2)]
+        for cache in caches:
+            lm.model(inputs.embeds, inputs.positions, cache=cache, start=0, **inputs.decoder_kwargs())
+        key_valid = torch.ones(b, total, dtype=torch.bool)
+        key_valid[:, :t] = mask.bool()
+        tok = torch.tensor([[5], [7]])[:b]
+        pos = inputs.last_positions() + 1
+        hidden, _ = lm.model(lm.model.embed(tok), pos, cache=caches[0], start=t, key_valid=key_valid[:, :t + 1])
+        eager = lm.logits(hidden[:, -1])
+        compiled = CompiledDecoder(lm, caches[1], key_valid)(tok, pos, t)
+        return eager, compiled, caches
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_compiled_decode_equals_eager(llama_ckpt, dtype):
+    torch._dynamo.reset()
+    if dtype == "int8":
+        model = VLM.from_pretrained(llama_ckpt, dtype="bf16", quantize="int8")
+    else:
+        model = VLM.from_pretrained(llama_ckpt, dtype=dtype, optimize=True)
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    eager, compiled, caches = _eager_and_compiled_step_logits(model, ids, mask)
+    atol = 1e-5 if dtype == "fp32" else 0.05  # bf16: GEMM blocking of the frozen graph may round differently
+    torch.testing.assert_close(compiled.float(), eager.float(), atol=atol, rtol=0)
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):  # the new slot went in place
+        torch.testing.assert_close(b.float(), a.float(), atol=atol, rtol=0)
+    a = generate(model, ids, mask, max_new_tokens=8, ignore_eos=True).sequences
+    b = generate(model, ids, mask, max_new_tokens=8, ignore_eos=True, compile=True).sequences
+    # fp32: the same tokens. bf16 / int8: the frozen graph's GEMMs round differently (bounded above), and
+    # this random tiny model's logits are flat enough for a near-tie to flip a later greedy token
+    n = a.shape[1] if dtype == "fp32" else 2
+    assert torch.equal(a[:, :n], b[:, :n])
+    if dtype != "fp32":
+        return
+    # another length reuses the compiled step (the cache length is dynamic): same tokens, no recompile
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    a = generate(model, ids[:, :5], mask[:, :5], max_new_tokens=11, ignore_eos=True).sequences
+    b = generate(model, ids[:, :5], mask[:, :5], max_new_tokens=11, ignore_eos=True, compile=True).sequences
+    assert torch.equal(a, b)
+    assert counters["stats"]["unique_graphs"] == before

@@ -81,6 +81,7 @@ def stream_generate(
     tokenizer=None,
     ignore_eos: bool = False,
     pad_id: int | None = None,
+    compile: bool = False,
     **kwargs: Any,
 ) -> Iterator[StepOutput]:
     """Yield one :class:`StepOutput` per decode step.
@@ -93,6 +94,9 @@ def stream_generate(
         tokenizer: needed for stop strings and text deltas (a torchvlm Tokenizer).
         ignore_eos: do not stop on the model's EOS ids (stop_token_ids still apply).
         pad_id: id written for rows that have finished (default: the model's pad id, else 0).
+        compile: run the decode steps through a ``torch.compile``-captured step
+            (:mod:`torchvlm.generation.compiled`): same tokens, faster steps after a one-time compilation
+            per model and batch size (about a minute for SmolLM2-135M on 2 cores). Off by default.
         **kwargs: model inputs besides ids/mask (``pixel_values``, ``token_type_ids``, ...).
     """
     params = _params(params, kwargs)
@@ -146,6 +150,15 @@ def stream_generate(
     finished = [False] * b
     reasons: list[str | None] = [None] * b
     positions = inputs.last_positions()  # decode steps continue from here with plain [B, 1] positions
+    step_fn = None
+    if compile:
+        from .compiled import CompiledDecoder, supported
+
+        if supported(lm)[0]:
+            pad_valid = None
+            if key_valid is not None:  # the compiled step masks the slots after its own; padding only here
+                pad_valid = key_valid.clone()
+            step_fn = CompiledDecoder(lm, cache, pad_valid)
 
     for step in range(params.max_new_tokens):
         end = t + step
@@ -183,6 +196,9 @@ def stream_generate(
         seen[:, end] = nxt
         seen_mask[:, end] = torch.tensor(active, dtype=torch.long, device=device)
         positions = positions + 1
+        if step_fn is not None:
+            logits = step_fn(nxt[:, None], positions, end)
+            continue
         hidden, _ = lm.model(
             lm.model.embed(nxt[:, None]),
             positions,
