@@ -306,7 +306,9 @@ def _timed_runs(gen, spec: dict, res: dict) -> None:
     """Warm up, then time ``repeats`` text generations (and image prefills); fill ``res``."""
     n, ids = spec["new_tokens"], spec["input_ids"]
     image = spec.get("image")
-    gen(ids, min(n, 4), None)  # warm-up: same prompt shape, a few decode steps
+    t0 = time.perf_counter()
+    gen(ids, min(n, 4), None)  # warm-up: same prompt shape, a few decode steps (compiles a compiled step)
+    res["warmup_s"] = time.perf_counter() - t0
     if image is not None:
         gen(image["input_ids"], 1, image["inputs"])
     ttfts, tps, tokens = [], [], None
@@ -336,13 +338,18 @@ def _run_torchvlm(spec: dict, res: dict) -> None:
     from .models.base import VLM
 
     t0 = time.perf_counter()
+    optimize = spec.get("optimize", True)
     if spec.get("quantize") and spec.get("quantize_head"):  # tied head in the same mode as the layers
+        from .nn.fast import fuse_projections, pack_linears
         from .nn.quant import quantize_model
 
-        model = quantize_model(VLM.from_pretrained(spec["weights"], dtype=spec["dtype"]), spec["quantize"],
-                               tied_head=True)
+        model = VLM.from_pretrained(spec["weights"], dtype=spec["dtype"])
+        model = quantize_model(fuse_projections(model), spec["quantize"], tied_head=True)
+        if optimize:
+            pack_linears(model)
     else:  # the production path (a tied head gets an int8 copy when quantizing)
-        model = VLM.from_pretrained(spec["weights"], dtype=spec["dtype"], quantize=spec.get("quantize"))
+        model = VLM.from_pretrained(spec["weights"], dtype=spec["dtype"], quantize=spec.get("quantize"),
+                                    optimize=optimize)
     res["load_s"] = time.perf_counter() - t0
     res["rss_after_load_mb"] = _proc_status("VmRSS")
     lm = model.language_model
@@ -356,7 +363,7 @@ def _run_torchvlm(spec: dict, res: dict) -> None:
         times, toks = [], []
         t = time.perf_counter()
         for step in stream_generate(model, input_ids, None, max_new_tokens=n, temperature=0.0, ignore_eos=True,
-                                    **(inputs or {})):
+                                    compile=bool(spec.get("compile")), **(inputs or {})):
             times.append(time.perf_counter() - t)
             toks.append(step.token_ids[0])
         return times, [int(x) for x in toks]
@@ -717,6 +724,8 @@ def run_bench(
     dtypes: list[str] | tuple[str, ...] = ("bf16",),
     quantize: list[str] | tuple[str, ...] = (),
     quantize_head: bool = False,
+    compile: bool = False,
+    plain: bool = False,
     threads: int | None = None,
     prompt: str = DEFAULT_PROMPT,
     prompt_tokens: int = 128,
@@ -792,16 +801,23 @@ def run_bench(
         base = {"input_ids": work["input_ids"], "new_tokens": new_tokens, "repeats": repeats, "threads": threads,
                 "image": work.get("image")}
         if "torchvlm" in engines:
-            for d in dtypes:
-                plans.append({**base, "engine": "torchvlm", "label": f"torchvlm {d}", "dtype": d,
-                              "weights": str(path)})
-            qdtype = "bf16" if "bf16" in dtypes else dtypes[0]
-            for q in quantize:
-                plan = {**base, "engine": "torchvlm", "label": f"torchvlm {q}" + ("+head" if quantize_head else ""),
-                        "dtype": qdtype, "quantize": q, "quantize_head": quantize_head, "weights": str(path)}
-                if not _quantize_available():
-                    plan["skip"] = "torchvlm.nn.quant.quantize_model is not available yet"
-                plans.append(plan)
+            # variants: (label suffix, optimize, compile): the optimized eager path always; the plain
+            # (unoptimized) one with --plain; the compiled decode step with --compile
+            variants = ([("", True, False)] + ([(" plain", False, False)] if plain else [])
+                        + ([(" compiled", True, True)] if compile else []))
+            for suffix, opt, comp in variants:
+                for d in dtypes:
+                    plans.append({**base, "engine": "torchvlm", "label": f"torchvlm {d}{suffix}", "dtype": d,
+                                  "weights": str(path), "optimize": opt, "compile": comp})
+                qdtype = "bf16" if "bf16" in dtypes else dtypes[0]
+                for q in quantize:
+                    plan = {**base, "engine": "torchvlm",
+                            "label": f"torchvlm {q}" + ("+head" if quantize_head else "") + suffix,
+                            "dtype": qdtype, "quantize": q, "quantize_head": quantize_head, "weights": str(path),
+                            "optimize": opt, "compile": comp}
+                    if not _quantize_available():
+                        plan["skip"] = "torchvlm.nn.quant.quantize_model is not available yet"
+                    plans.append(plan)
         if "hf" in engines:
             if not _have("transformers"):
                 plans.append({"engine": "hf", "label": "HF", "skip": "transformers: not installed"})
@@ -831,6 +847,8 @@ def run_bench(
             plan["id"] = i
             row = {"engine": plan["engine"], "label": plan["label"], "dtype": plan.get("dtype"),
                    "quantize": plan.get("quantize"), "weights": plan.get("weights")}
+            if plan["engine"] == "torchvlm":
+                row.update(optimize=plan.get("optimize"), compile=plan.get("compile"))
             if plan.get("skip"):
                 say(f"{plan['label']}: skipped ({plan['skip']})")
                 row.update(status="skipped", error=plan["skip"])
@@ -899,15 +917,15 @@ def format_report(report: dict) -> str:
             lines.append("warning: other processes were using the CPU; timings are noisy (threads that find their "
                          "cores busy slow down a lot). Rerun on a quiet machine, or compare with --threads 1.")
     lines.append("")
-    head = ["engine", "load s", "TTFT s", "img TTFT s", "decode tok/s", "roofline", "% roof", "peak RSS MB",
-            "weights MB", "MB/token"]
+    head = ["engine", "load s", "warm-up s", "TTFT s", "img TTFT s", "decode tok/s", "roofline", "% roof",
+            "peak RSS MB", "weights MB", "MB/token"]
     rows = []
     for r in report["results"]:
         if r["status"] != "ok":
             rows.append([r["label"], f"{r['status']}: {r.get('error')}"])
             continue
         rows.append([
-            r["label"], _fmt(r.get("load_s"), ".2f"), _fmt(r.get("ttft_s"), ".3f"), _fmt(r.get("ttft_image_s"), ".3f"),
+            r["label"], _fmt(r.get("load_s"), ".2f"), _fmt(r.get("warmup_s"), ".2f"), _fmt(r.get("ttft_s"), ".3f"), _fmt(r.get("ttft_image_s"), ".3f"),
             _fmt(r.get("decode_tps"), ".1f"), _fmt(r.get("roofline_tps"), ".1f"), _fmt(r.get("roofline_pct"), ".0f"),
             _fmt(r.get("peak_rss_mb"), ".0f"),
             _fmt(r["weight_bytes"] / 2**20 if r.get("weight_bytes") else None, ".0f"),
@@ -950,6 +968,10 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--quantize", default="", help="torchvlm weight-only quantization runs: int8,int4")
     p.add_argument("--quantize-head", action="store_true", help="also quantize a tied LM head (a quantized copy "
                    "of the embedding matrix; quantize_model(tied_head=True)), as llama.cpp files usually do")
+    p.add_argument("--compile", action="store_true", help="also run each torchvlm configuration with the "
+                   "torch.compile'd decode step (generate(compile=True)); its compilation shows as warm-up s")
+    p.add_argument("--plain", action="store_true", help="also run each torchvlm configuration without the "
+                   "inference layout (fused projections, prepacked bf16 weights): the plain eager model")
     p.add_argument("--threads", type=int, default=None, help="threads for every engine (default: "
                    "torch.get_num_threads(), all cores)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="user message (chat template applied) for real models")
@@ -977,7 +999,8 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     """``torchvlm bench``: run, print the table, optionally write JSON."""
     report = run_bench(
         ns.model, synthetic=ns.synthetic, engines=_csv(ns.engines), dtypes=_csv(ns.dtype),
-        quantize=_csv(ns.quantize), quantize_head=ns.quantize_head, threads=ns.threads, prompt=ns.prompt,
+        quantize=_csv(ns.quantize), quantize_head=ns.quantize_head, compile=ns.compile, plain=ns.plain,
+        threads=ns.threads, prompt=ns.prompt,
         prompt_tokens=ns.prompt_tokens,
         new_tokens=ns.new_tokens, repeats=ns.repeats, image=not ns.no_image, bandwidth_mb=ns.bandwidth_mb,
         cache_dir=ns.cache_dir, timeout=ns.timeout,
