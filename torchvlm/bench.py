@@ -59,9 +59,9 @@ DEFAULT_PROMPT = "Write a short story about a robot who learns to paint, in abou
 QUANT_MODES = ("int8", "int4")
 
 NOT_IMPLEMENTED_NOTE = (
-    "Qwen2-VL and SmolVLM families are not implemented in torchvlm yet: synthetic 'qwen2-*' models are the "
-    "Qwen2(-VL) language model alone (text decode), 'llava-so400m-smol*' stands in for a SmolVLM-256M-like "
-    "VLM (SigLIP-so400m-size tower + SmolLM2-135M-size LM) to measure vision TTFT."
+    "synthetic 'qwen2-1.5b' / 'qwen2-0.5b' are Qwen2(-VL) language models alone (text decode); 'qwen2-vl-2b' is "
+    "the whole Qwen2-VL-2B (image TTFT through the Qwen-VL processor); 'llava-so400m-smol*' stands in for a "
+    "SmolVLM-256M-like VLM (SigLIP-so400m-size tower + SmolLM2-135M-size LM) to measure vision TTFT."
 )
 
 # ----------------------------------------------------------------------------------------- synthetic models
@@ -98,6 +98,23 @@ def _llava(vision: dict, text: dict) -> dict:
     }
 
 
+def _qwen2_vl(text: dict, vision: dict, mrope_section: tuple = (16, 24, 24)) -> dict:
+    """A Qwen2-VL config (transformers 5 nested form); the token ids are set when its processor is built."""
+    text = {k: v for k, v in text.items() if k not in ("architectures", "model_type", "tie_word_embeddings")}
+    return {
+        "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
+        "tie_word_embeddings": True, "vision_config": vision,
+        "text_config": {**text, "model_type": "qwen2_vl_text",
+                        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                                            "mrope_section": list(mrope_section)}},
+    }
+
+
+_QWEN2_VL_VISION = {  # Qwen2-VL-2B's ViT (675M): 32 blocks of 1280, patch 14, 2x2 merge into the LM width
+    "depth": 32, "embed_dim": 1280, "hidden_size": 1536, "mlp_ratio": 4, "num_heads": 16, "in_channels": 3,
+    "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "hidden_act": "quick_gelu",
+}
+
 _TINY_LM = {
     "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 1024,
@@ -115,13 +132,57 @@ SYNTHETIC: dict[str, tuple[str, dict]] = {
     "llava-so400m-smol-224": (
         "as llava-so400m-smol at 224 px (256 image tokens)", _llava({**_SO400M, "image_size": 224}, _SMOL_LM),
     ),
+    "qwen2-vl-2b": (
+        "Qwen2-VL-2B: 675M ViT (patch 14, 2x2 merge) + Qwen2-1.5B LM, 2.2B params; images through its processor",
+        _qwen2_vl(_qwen2(1536, 8960, 28, 12, 2), _QWEN2_VL_VISION),
+    ),
     "tiny": ("tiny random Llama (for tests)", {"architectures": ["LlamaForCausalLM"], **_TINY_LM}),
+    "tiny-qwen2-vl": (
+        "tiny random Qwen2-VL with its processor (for tests)",
+        _qwen2_vl({**_TINY_LM, "vocab_size": 1100},
+                  {**_QWEN2_VL_VISION, "depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 4}, (2, 3, 3)),
+    ),
     "tiny-llava": (
         "tiny random LLaVA with a SigLIP tower (for tests)",
         _llava({**_SO400M, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "patch_size": 8, "image_size": 32}, _TINY_LM),
     ),
 }
+
+
+def _synthetic_words(n: int) -> list[str]:
+    return [f"w{i}" for i in range(n)]
+
+
+def _qwen_vl_processor(config: dict):
+    """A Qwen2-VL processor for a synthetic checkpoint: a small word-level tokenizer (``w0`` ... ``w999``) with
+    Qwen's special tokens, the default image processor (448x448 -> 256 image tokens) and chat template.
+    Writes the tokenizer's special-token ids into ``config``."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from .models.qwen_vl.processor import Qwen2VLProcessor
+    from .processing.tokenizer import Tokenizer
+
+    vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(_synthetic_words(1000))}}
+    backend = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    tok = Tokenizer(backend, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                              "additional_special_tokens": specials})
+    proc = Qwen2VLProcessor(tok)
+    ids = {name: backend.token_to_id(t) for name, t in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    config.update(ids)
+    config["text_config"].update(eos_token_id=backend.token_to_id("<|im_end|>"),
+                                 pad_token_id=backend.token_to_id("<|endoftext|>"))
+    return proc
+
+
+#: synthetic models that come with a processor (built before the model: it fixes the special-token ids)
+SYNTHETIC_PROCESSORS = {"qwen2-vl-2b": _qwen_vl_processor, "tiny-qwen2-vl": _qwen_vl_processor}
 
 
 def bench_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -164,7 +225,9 @@ def make_synthetic(name: str, cache_dir: str | os.PathLike | None = None, *, see
 
     from . import registry
 
-    config = _full_config(SYNTHETIC[name][1])
+    config = json.loads(json.dumps(SYNTHETIC[name][1]))
+    processor = SYNTHETIC_PROCESSORS[name](config) if name in SYNTHETIC_PROCESSORS else None
+    config = _full_config(config)
     config["dtype"] = "bfloat16"
     with torch.device("meta"):
         model = registry.model_class(config, f"synthetic '{name}'").from_config(config, where=f"synthetic '{name}'")
@@ -185,6 +248,8 @@ def make_synthetic(name: str, cache_dir: str | os.PathLike | None = None, *, see
     shutil.rmtree(tmp, ignore_errors=True)
     model.config = config
     model.save_pretrained(tmp)
+    if processor is not None:
+        processor.save_pretrained(tmp)
     (tmp / "generation_config.json").write_text(json.dumps({"do_sample": False}) + "\n")
     (tmp / ".complete").write_text(name + "\n")
     del model
@@ -594,8 +659,10 @@ def _describe(path: Path, config: dict) -> dict:
     }
     if model.vision_tower is not None:
         v = model.vision_config
-        info["vision_tower"] = {"type": v.model_type, "layers": v.num_hidden_layers, "hidden_size": v.hidden_size,
-                                "image_size": v.image_size, "patch_size": v.patch_size}
+        info["vision_tower"] = {"type": getattr(v, "model_type", None) or getattr(v, "family", None),
+                                "layers": getattr(v, "num_hidden_layers", None) or getattr(v, "depth", None),
+                                "hidden_size": v.hidden_size, "image_size": getattr(v, "image_size", None),
+                                "patch_size": v.patch_size}
     return info
 
 
@@ -610,7 +677,20 @@ def _workload(path: Path, info: dict, synthetic: bool, prompt: str, prompt_token
         rng = random.Random(0)
         ids = [rng.randrange(3, vocab - 2) for _ in range(prompt_tokens)]
         work = {"input_ids": ids, "prompt": f"{prompt_tokens} random token ids"}
-        if with_image and info["vision"]:
+        if with_image and info["vision"] and (path / "tokenizer.json").is_file():  # through its processor
+            import numpy as np
+            from PIL import Image
+
+            from .api import build_messages, load_processor
+
+            proc = load_processor(path)
+            img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (448, 448, 3), dtype=np.uint8))
+            words = " ".join(_synthetic_words(1000)[rng.randrange(1000)] for _ in range(24))
+            b = proc(messages=build_messages(words, [img]))
+            inputs = {k: v for k, v in b.items() if k not in ("input_ids", "attention_mask")
+                      and isinstance(v, torch.Tensor)}
+            work["image"] = {"input_ids": b["input_ids"][0].tolist(), "inputs": inputs, "image_size": [448, 448]}
+        elif with_image and info["vision"]:
             size = info["vision_tower"]["image_size"]
             gen = torch.Generator().manual_seed(0)
             pixels = torch.rand((1, 3, size, size), generator=gen) * 2 - 1

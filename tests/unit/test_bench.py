@@ -110,3 +110,19 @@ def test_bad_arguments_are_one_line_errors(capsys):
     assert "unknown engine" in capsys.readouterr().err
     assert bench.main(["--synthetic", "tiny", "--new-tokens", "1"]) == 2
     assert "--new-tokens" in capsys.readouterr().err
+
+
+def test_synthetic_qwen_vl_goes_through_its_processor(tmp_path):
+    """Synthetic Qwen2-VL: saved with a processor whose special tokens the config points at; the image prompt
+    comes from the processor (448x448 -> 256 image tokens) and its inputs run through the model."""
+    path = bench.make_synthetic("tiny-qwen2-vl", tmp_path)
+    model = VLM.from_pretrained(path, dtype="fp32")
+    info = bench._describe(path, bench._model_config(path))
+    assert info["vision_tower"]["layers"] == 2 and info["num_image_tokens"] is None
+    work = bench._workload(path, info, True, "", 10, True, tmp_path)
+    image_ids = torch.tensor([work["image"]["input_ids"]])
+    assert int((image_ids == model.image_token_id).sum()) == 256
+    inputs = torch.load(work["image"]["inputs_file"])
+    assert set(inputs) == {"pixel_values", "image_grid_thw", "mm_token_type_ids"}
+    out = model.generate(image_ids, **inputs, max_new_tokens=2, ignore_eos=True)
+    assert out.shape == (1, 2)
