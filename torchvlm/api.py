@@ -40,11 +40,13 @@ def load(
     revision: str | None = None,
     local_files_only: bool | None = None,
     quantize: str | None = None,
+    optimize: bool = False,
 ) -> tuple[VLM, Processor]:
     """Load ``(model, processor)`` from a local directory, a ``.gguf`` file or a hub id
-    (``quantize``: None, ``"int8"`` or ``"int4"``, see :meth:`VLM.from_pretrained`)."""
+    (``quantize``: None, ``"int8"`` or ``"int4"``; ``optimize``: the inference layout; see
+    :meth:`VLM.from_pretrained`)."""
     path = resolve_model_path(model_id, revision=revision, local_files_only=local_files_only)
-    model = VLM.from_pretrained(path, dtype=dtype, device=device, quantize=quantize)
+    model = VLM.from_pretrained(path, dtype=dtype, device=device, quantize=quantize, optimize=optimize)
     return model, load_processor(path)
 
 
