@@ -86,7 +86,9 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     from ..text.decoder import Attention
     from .mlp import GatedMLP
 
-    for module in list(model.modules()):
+    # hold only the parents: a list of every module would keep each replaced q/k/v/gate/up weight alive until
+    # the end, i.e. the whole decoder twice in memory at the peak (1.5x the weights for Qwen2-VL-2B)
+    for module in [m for m in model.modules() if isinstance(m, (Attention, GatedMLP))]:
         if isinstance(module, Attention):
             fused, parts = "qkv_proj", ("q_proj", "k_proj", "v_proj")
         elif isinstance(module, GatedMLP):
