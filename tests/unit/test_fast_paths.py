@@ -143,6 +143,18 @@ def test_optimized_bf16_model_gives_identical_results(ckpt, tmp_path):
     assert torch.equal(_logits(again, ids), _logits(plain, ids))
 
 
+@pytest.mark.skipif(not can_pack(torch.bfloat16), reason="no oneDNN bf16 prepacking on this CPU/build")
+def test_packed_vision_tower_is_bit_identical(llava_dir):
+    """Vision towers and connectors are packed too (prefill-sized products): same image features, bit for bit."""
+    plain = VLM.from_pretrained(llava_dir, dtype="bf16")
+    fast = VLM.from_pretrained(llava_dir, dtype="bf16", optimize=True)
+    assert isinstance(fast.multi_modal_projector.linear_1, PackedLinear)
+    assert any(isinstance(m, PackedLinear) for m in fast.vision_tower.modules())
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(fast.encode_image(pixels).tokens, plain.encode_image(pixels).tokens)
+
+
 def test_fp32_layers_are_not_packed(ckpt):
     model = pack_linears(VLM.from_pretrained(ckpt, dtype="fp32"))
     assert not any(isinstance(m, PackedLinear) for m in model.modules())

@@ -173,14 +173,14 @@ class PackedLinear(nn.Module):
 def pack_linears(model: nn.Module, *, include=None) -> nn.Module:
     """Replace the bf16/fp16 CPU ``nn.Linear`` layers of ``model`` by :class:`PackedLinear` (in place).
 
-    ``include(name, linear) -> bool`` picks layers by dotted name (default: every such layer under
-    ``language_model``, or every one in a model without a ``language_model``). A no-op where
+    ``include(name, linear) -> bool`` picks layers by dotted name (default: every such layer, the vision
+    tower's too: packing is bit-identical, and Qwen2-VL-2B's 1024-patch image encode took 2.83 -> 2.53 s
+    with its linears packed). A no-op where
     :func:`can_pack` is False. float32 layers are left alone: oneDNN's packed float32 product rounds
     differently from ``F.linear`` (MKL) and was not faster for one row (docs/performance.md).
     """
     if include is None:
-        scoped = isinstance(getattr(model, "language_model", None), nn.Module)
-        include = (lambda name, lin: name.startswith("language_model.")) if scoped else (lambda name, lin: True)
+        include = lambda name, lin: True  # noqa: E731
     ok: dict[torch.dtype, bool] = {}
 
     def visit(parent: nn.Module, prefix: str) -> None:
