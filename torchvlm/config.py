@@ -575,6 +575,33 @@ def _mrope_section(r: ConfigReader, flavour: Mapping[str, Any], head_dim: int) -
     return section
 
 
+def vit_shape(r: ConfigReader, size=None) -> dict[str, Any]:
+    """The fields every ViT config has, read and checked once: ``hidden_size`` / ``num_attention_heads``
+    (a multiple), ``intermediate_size``, ``num_hidden_layers``, ``image_size`` / ``patch_size`` (the patch no
+    larger than the image; read with ``size(r, key)``, default :meth:`ConfigReader.integer`),
+    ``num_channels``, ``hidden_act``, ``layer_norm_eps``."""
+    size = size or (lambda reader, key: reader.integer(key))
+    hidden, heads = r.integer("hidden_size"), r.integer("num_attention_heads")
+    if hidden % heads:
+        raise ConfigError(f"{r.where}: field '{r.path('hidden_size')}' ({hidden}) must be a multiple of "
+                          f"'{r.path('num_attention_heads')}' ({heads})")
+    image_size, patch_size = size(r, "image_size"), size(r, "patch_size")
+    if patch_size > image_size:
+        raise ConfigError(f"{r.where}: field '{r.path('patch_size')}' ({patch_size}) must not exceed "
+                          f"'{r.path('image_size')}' ({image_size})")
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": r.integer("intermediate_size"),
+        "num_hidden_layers": r.integer("num_hidden_layers"),
+        "num_attention_heads": heads,
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "num_channels": r.integer("num_channels"),
+        "hidden_act": r.activation("hidden_act"),
+        "layer_norm_eps": r.number("layer_norm_eps"),
+    }
+
+
 @dataclass
 class VisionConfig:
     """Configuration of a ViT vision tower (CLIP / SigLIP style, see :mod:`torchvlm.vision.vit`)."""
@@ -607,25 +634,9 @@ class VisionConfig:
         """
         r = ConfigReader(cfg, where, prefix)
         model_type, flavour = r.flavour("vision", "clip_vision_model", VISION_FLAVOURS, VISION_DEFAULTS)
-        hidden, heads = r.integer("hidden_size"), r.integer("num_attention_heads")
-        if hidden % heads:
-            raise ConfigError(f"{where}: field '{r.path('hidden_size')}' ({hidden}) must be a multiple of "
-                              f"'{r.path('num_attention_heads')}' ({heads})")
-        image_size, patch_size = r.integer("image_size"), r.integer("patch_size")
-        if patch_size > image_size:
-            raise ConfigError(f"{where}: field '{r.path('patch_size')}' ({patch_size}) must not exceed "
-                              f"'{r.path('image_size')}' ({image_size})")
         head_field = flavour["head_field"]
         return cls(
-            hidden_size=hidden,
-            intermediate_size=r.integer("intermediate_size"),
-            num_hidden_layers=r.integer("num_hidden_layers"),
-            num_attention_heads=heads,
-            image_size=image_size,
-            patch_size=patch_size,
-            num_channels=r.integer("num_channels"),
-            hidden_act=r.activation("hidden_act"),
-            layer_norm_eps=r.number("layer_norm_eps"),
+            **vit_shape(r),
             class_token=flavour["class_token"],
             pre_norm=flavour["pre_norm"],
             use_head=r.boolean(head_field) if head_field else False,

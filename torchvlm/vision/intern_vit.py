@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigReader
-from ..errors import ConfigError, ProcessorError
+from ..config import ConfigReader, vit_shape
+from ..errors import ProcessorError
 from ..nn.attention import attention
 from ..nn.norm import RMSNorm
 from .vit import VisionMLP, VisionOutput
@@ -89,24 +89,8 @@ class InternVisionConfig:
         """Build from an HF ``internvl_vision`` config dict; missing fields take the defaults of HF's
         ``InternVLVisionConfig`` (:data:`INTERN_VISION_DEFAULTS`). Errors name ``where`` and ``prefix.<field>``."""
         r = ConfigReader(cfg, where, prefix, INTERN_VISION_DEFAULTS)
-        hidden, heads = r.integer("hidden_size"), r.integer("num_attention_heads")
-        if hidden % heads:
-            raise ConfigError(f"{where}: field '{r.path('hidden_size')}' ({hidden}) must be a multiple of "
-                              f"'{r.path('num_attention_heads')}' ({heads})")
-        image_size, patch_size = _square(r, "image_size"), _square(r, "patch_size")
-        if patch_size > image_size:
-            raise ConfigError(f"{where}: field '{r.path('patch_size')}' ({patch_size}) must not exceed "
-                              f"'{r.path('image_size')}' ({image_size})")
         return cls(
-            hidden_size=hidden,
-            intermediate_size=r.integer("intermediate_size"),
-            num_hidden_layers=r.integer("num_hidden_layers"),
-            num_attention_heads=heads,
-            image_size=image_size,
-            patch_size=patch_size,
-            num_channels=r.integer("num_channels"),
-            hidden_act=r.activation("hidden_act"),
-            layer_norm_eps=r.number("layer_norm_eps"),
+            **vit_shape(r, _square),
             norm_type=r.string("norm_type", choices=("layer_norm", "rms_norm")),
             attention_bias=r.boolean("attention_bias"),
             use_qk_norm=r.boolean("use_qk_norm"),
