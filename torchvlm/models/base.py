@@ -351,6 +351,11 @@ class VLM(nn.Module):
         hidden, _ = self.language_model.model(inputs.embeds, inputs.positions, **inputs.decoder_kwargs())
         return hidden
 
+    def rope_positions(self, input_ids: Tensor, attention_mask: Tensor, **extra) -> Tensor:
+        """Rope positions ``[B, T]`` of a prompt: real tokens count up from :attr:`position_offset`, left
+        padding gets the offset (and is masked). Families with multimodal rope override (Qwen-VL)."""
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + self.position_offset
+
     def family_inputs(self, input_ids: Tensor, attention_mask: Tensor, **extra) -> dict:
         """Extra decoder context of a family (e.g. ``prefix_len`` for prefix-LM). Default: none."""
         return {}
@@ -377,11 +382,10 @@ class VLM(nn.Module):
         if is_image is not None:
             embeds = scatter_features(embeds, is_image, image_features)
         mask = attention_mask.bool()
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + self.position_offset
         padded = not bool(mask.all())
         return ModelInputs(
             embeds=embeds,
-            positions=positions,
+            positions=self.rope_positions(input_ids, attention_mask, **extra),
             key_valid=mask if padded else None,
             **self.family_inputs(input_ids, attention_mask, **extra),
         )

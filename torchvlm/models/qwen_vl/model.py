@@ -142,27 +142,20 @@ class QwenVLModel(VLM):
         video_features = extra.get("video_features")
         if extra.get("pixel_values_videos") is not None and video_features is None:
             video_features = self.encode_image(extra["pixel_values_videos"], image_grid_thw=extra.get("video_grid_thw"))
-        embeds = scatter_features(embeds, is_image, image_features, "image")
-        embeds = scatter_features(embeds, is_video, video_features, "video")
-        adds = None
-        stacks = [f.deepstack for f in (image_features, video_features) if f is not None and f.deepstack]
-        if stacks:
-            adds = []
-            for level in range(len(stacks[0])):
-                add = torch.zeros_like(embeds)
-                if image_features is not None and image_features.deepstack:
-                    add = scatter_features(add, is_image, image_features.deepstack[level], "image")
-                if video_features is not None and video_features.deepstack:
-                    add = scatter_features(add, is_video, video_features.deepstack[level], "video")
-                adds.append(add)
-            adds = tuple(adds)
+
+        def merge(base: Tensor, image, video) -> Tensor:
+            return scatter_features(scatter_features(base, is_image, image, "image"), is_video, video, "video")
+
+        embeds = merge(embeds, image_features, video_features)
+        # DeepStack (Qwen3-VL): per level, the image and video features of that vision layer at their tokens
+        image_stack = image_features.deepstack if image_features is not None else ()
+        video_stack = video_features.deepstack if video_features is not None else ()
+        adds = tuple(merge(torch.zeros_like(embeds), image_stack[i] if image_stack else None,
+                           video_stack[i] if video_stack else None)
+                     for i in range(max(len(image_stack), len(video_stack))))
         mask = attention_mask.bool()
-        if bool((is_image | is_video).any()):
-            positions = self.rope_positions(input_ids, attention_mask, **extra)
-        else:
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return ModelInputs(embeds=embeds, positions=positions, key_valid=None if bool(mask.all()) else mask,
-                           layer_adds=adds)
+        return ModelInputs(embeds=embeds, positions=self.rope_positions(input_ids, attention_mask, **extra),
+                           key_valid=None if bool(mask.all()) else mask, layer_adds=adds or None)
 
     def rope_positions(
         self,
@@ -176,7 +169,10 @@ class QwenVLModel(VLM):
     ) -> Tensor:
         """M-RoPE positions ``[B, T, 3]`` (as HF's ``get_rope_index``): text tokens count up on all three
         components; a vision block of ``t x h x w`` merged tokens gets (start + t*interval, start + row,
-        start + col), and the text after it continues at start + max(h, w). Padding gets 0."""
+        start + col), and the text after it continues at start + max(h, w). Padding gets 0. A batch without
+        image or video tokens gets the plain ``[B, T]`` positions (equal to M-RoPE with equal components)."""
+        if not bool(((input_ids == self.image_token_id) | (input_ids == self.video_token_id)).any()):
+            return super().rope_positions(input_ids, attention_mask)
         if mm_token_type_ids is None:
             types = (input_ids == self.image_token_id).long() + 2 * (input_ids == self.video_token_id).long()
         else:
