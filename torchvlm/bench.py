@@ -666,6 +666,21 @@ def _describe(path: Path, config: dict) -> dict:
     return info
 
 
+def _image_prompt(proc, prompt: str) -> dict:
+    """One 448x448 random image + ``prompt`` through the checkpoint's processor: the prompt ids and the
+    other tensor inputs (pixels, grids, ...) every engine gets."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .api import build_messages
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (448, 448, 3), dtype=np.uint8))
+    b = proc(messages=build_messages(prompt, [img]))
+    inputs = {k: v for k, v in b.items() if k not in ("input_ids", "attention_mask") and isinstance(v, torch.Tensor)}
+    return {"input_ids": b["input_ids"][0].tolist(), "inputs": inputs, "image_size": [448, 448]}
+
+
 def _workload(path: Path, info: dict, synthetic: bool, prompt: str, prompt_tokens: int, with_image: bool,
               tmp: Path) -> dict:
     """The prompt token ids every engine gets, and (VLMs) the image prompt + its pixel inputs (saved to a
@@ -678,18 +693,10 @@ def _workload(path: Path, info: dict, synthetic: bool, prompt: str, prompt_token
         ids = [rng.randrange(3, vocab - 2) for _ in range(prompt_tokens)]
         work = {"input_ids": ids, "prompt": f"{prompt_tokens} random token ids"}
         if with_image and info["vision"] and (path / "tokenizer.json").is_file():  # through its processor
-            import numpy as np
-            from PIL import Image
+            from .api import load_processor
 
-            from .api import build_messages, load_processor
-
-            proc = load_processor(path)
-            img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (448, 448, 3), dtype=np.uint8))
             words = " ".join(_synthetic_words(1000)[rng.randrange(1000)] for _ in range(24))
-            b = proc(messages=build_messages(words, [img]))
-            inputs = {k: v for k, v in b.items() if k not in ("input_ids", "attention_mask")
-                      and isinstance(v, torch.Tensor)}
-            work["image"] = {"input_ids": b["input_ids"][0].tolist(), "inputs": inputs, "image_size": [448, 448]}
+            work["image"] = _image_prompt(load_processor(path), words)
         elif with_image and info["vision"]:
             size = info["vision_tower"]["image_size"]
             gen = torch.Generator().manual_seed(0)
@@ -697,20 +704,13 @@ def _workload(path: Path, info: dict, synthetic: bool, prompt: str, prompt_token
             image_ids = ids[:4] + [info["image_token_id"]] * info["num_image_tokens"] + ids[4:]
             work["image"] = {"input_ids": image_ids, "inputs": {"pixel_values": pixels}, "image_size": [size, size]}
     else:
-        import numpy as np
-        from PIL import Image
-
         from .api import build_messages, load_processor
 
         proc = load_processor(path)
         batch = proc(messages=build_messages(prompt))
         work = {"input_ids": batch["input_ids"][0].tolist(), "prompt": prompt}
         if with_image and info["vision"]:
-            img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (448, 448, 3), dtype=np.uint8))
-            b = proc(messages=build_messages(prompt, [img]))
-            inputs = {k: v for k, v in b.items() if k not in ("input_ids", "attention_mask")
-                      and isinstance(v, torch.Tensor)}
-            work["image"] = {"input_ids": b["input_ids"][0].tolist(), "inputs": inputs, "image_size": [448, 448]}
+            work["image"] = _image_prompt(proc, prompt)
     if "image" in work:
         f = tmp / "image_inputs.pt"
         torch.save(work["image"].pop("inputs"), f)

@@ -267,9 +267,9 @@ class Engine:
                 k[0, :, :reuse] = ks[:, :reuse]
                 v[0, :, :reuse] = vs[:, :reuse]
             self.prefix_cache.reused_tokens += reuse
-        kwargs = inputs.decoder_kwargs(reuse)
+        # one unpadded row: key_valid is None
         hidden, _ = lm.model(inputs.embeds[:, reuse:], inputs.positions[:, reuse:], cache=cache, start=reuse,
-                             prefix_len=kwargs["prefix_len"], layer_adds=kwargs["layer_adds"])
+                             **inputs.decoder_kwargs(reuse))
         if self.prefix_cache is not None and inputs.prefix_len is None:
             n = self._text_prefix_len(token_list)
             self.prefix_cache.store(token_list[:n], [k[0, :, :n].clone() for k in cache.k],
