@@ -82,9 +82,8 @@ def _batch(processor: Processor, prompt: str | list[dict], images: Sequence[Any]
         raise ProcessorError(f"prompt must be a string or a chat (list of messages), got {type(prompt).__name__}")
     if chat:
         return processor(messages=build_messages(prompt, images or (), videos=videos or ()))
-    if videos:
-        return processor(text=prompt, images=list(images) if images else None, videos=list(videos))
-    return processor(text=prompt, images=list(images) if images else None)
+    media = {"videos": list(videos)} if videos else {}  # only video-capable processors take videos=
+    return processor(text=prompt, images=list(images) if images else None, **media)
 
 
 def stream_generate(
