@@ -26,3 +26,16 @@ class GatedMLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
             return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class FeedForward(nn.Module):
+    """``fc2(act(fc1(x)))``: the plain two-layer MLP of BART and DaViT (HF names ``fc1`` / ``fc2``)."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "gelu", bias: bool = True, where: str | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.act = get_activation(act, where)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
