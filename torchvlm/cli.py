@@ -1,4 +1,4 @@
-"""The ``torchvlm`` command line: ``generate``, ``chat``, ``info``.
+"""The ``torchvlm`` command line: ``generate``, ``chat``, ``info``, ``bench``, ``serve``.
 
 User errors (missing model, bad image, bad argument) print one ``error: ...`` line and exit with status 2;
 no stack trace. ``TORCHVLM_DEBUG=1`` shows the trace.
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from .bench import add_bench_parser
 from .errors import TorchVLMError
+from .serve.cli import add_serve_parser
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
 
     add_bench_parser(sub)
+    add_serve_parser(sub)
     return p
 
 
