@@ -61,6 +61,8 @@ PROCESSORS: dict[str, str] = {
     "internvl": "torchvlm.models.internvl.processor:InternVLProcessor",
     "InternVLProcessor": "torchvlm.models.internvl.processor:InternVLProcessor",
     "internvl_chat": "torchvlm.models.internvl.processor:InternVLChatProcessor",
+    "florence2": "torchvlm.processing.florence2:Florence2Processor",
+    "Florence2Processor": "torchvlm.processing.florence2:Florence2Processor",
 }
 
 #: model_types served by the plain text-only :class:`Processor` (tokenizer + chat template).
