@@ -595,6 +595,26 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+#: CPU flags that decide which matmul kernels torch (and llama.cpp) can use, most capable last.
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def _cpu_isa() -> list[str]:
+    """The matmul-relevant instruction sets of this CPU (from ``/proc/cpuinfo``; empty where unreadable).
+
+    bf16 ratios depend on them: without ``avx512_bf16``/``amx_bf16`` (an AVX2-only CPU) oneDNN has no bf16
+    GEMM, prepacking is skipped and bf16 matmuls of every engine are emulated and several times slower.
+    """
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in _ISA_FLAGS if f in flags]
+    except OSError:
+        pass
+    return []
+
+
 def _gguf_info(path: Path) -> dict:
     """Bytes read per decode token and the dominant quantisation type of a GGUF file."""
     import gguf
@@ -859,7 +879,8 @@ def run_bench(
                      "transformers": _version("transformers") if _have("transformers") else None,
                      "llama_cpp_python": _version("llama_cpp_python") if _have("llama_cpp") else None,
                      "python": platform.python_version()},
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": threads, "platform": platform.platform(),
+        "machine": {"cpu": _cpu_name(), "isa": _cpu_isa(), "cores": os.cpu_count(), "threads": threads,
+                    "platform": platform.platform(),
                     "busy_cores_before": _busy_cores()},
         "model": {"name": name, "path": str(path), "synthetic": is_synth, "gguf": is_gguf,
                   "gguf_quant": gguf["quant"] if gguf else None, **info},
@@ -979,7 +1000,8 @@ def format_report(report: dict) -> str:
     lines = [
         f"model: {m['name']} ({m['family']}, {m['parameters'] / 1e6:.1f}M params"
         + (f", GGUF {m['gguf_quant']}" if m.get("gguf") else "") + (", vision" if m["vision"] else "") + ")",
-        f"machine: {report['machine']['cpu']}, {report['machine']['threads']} threads; "
+        f"machine: {report['machine']['cpu']} ({' '.join(report['machine'].get('isa') or ['isa unknown'])}), "
+        f"{report['machine']['threads']} threads; "
         f"torch {report['versions']['torch']}, transformers {report['versions']['transformers'] or '-'}, "
         f"llama-cpp-python {report['versions']['llama_cpp_python'] or '-'}",
         f"workload: batch 1, {w['prompt_tokens']} prompt tokens, {w['new_tokens']} new tokens (greedy, EOS "

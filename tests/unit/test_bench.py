@@ -40,6 +40,7 @@ def test_end_to_end_json(llava_dir, tmp_path, capsys):
     assert report["schema_version"] == bench.SCHEMA_VERSION
     assert report["model"]["vision"] is True and report["model"]["family"] == "llava"
     assert report["machine"]["threads"] >= 1 and report["bandwidth"]["read_gbs"] > 0
+    assert isinstance(report["machine"]["isa"], list) and "machine: " in printed
     w = report["workload"]
     assert w["new_tokens"] == 4 and w["prompt_tokens"] > 0 and w["image_prompt_tokens"] > w["prompt_tokens"]
     rows = {r["label"]: r for r in report["results"]}
