@@ -30,7 +30,7 @@ from torch import Tensor
 
 from torchvlm.errors import GenerationError
 
-__all__ = ["SamplingParams", "Sampler", "process_logits", "normalize_stop"]
+__all__ = ["SamplingParams", "Sampler", "process_logits", "normalize_stop", "apply_constraints"]
 
 _NEG_INF = float("-inf")
 
@@ -71,6 +71,14 @@ class SamplingParams:
     ``repetition_penalty == 1`` switch the corresponding step off. ``seed`` makes sampling reproducible.
     ``stop`` are stop strings and ``stop_token_ids`` extra token ids that end a sequence (besides the
     model's EOS ids); they are applied by :mod:`torchvlm.generation.stopping`.
+
+    Beam search and HF's sequence constraints (off by default; Florence-2's ``generation_config.json`` turns
+    them on, see :meth:`~torchvlm.models.florence2.model.Florence2Model.generation_defaults`):
+    ``num_beams > 1`` runs :func:`torchvlm.generation.beam.beam_search` (greedy, not streamable) with
+    ``length_penalty`` and ``early_stopping`` (True, False or ``"never"``) as in HF; ``no_repeat_ngram_size``
+    bans any n-gram from occurring twice in the decoder's sequence; ``forced_bos_token_id`` is forced as the
+    first token after a one-token decoder prompt and ``forced_eos_token_id`` as the last one at
+    ``max_new_tokens`` (see :func:`apply_constraints`).
     """
 
     max_new_tokens: int = 64
@@ -82,6 +90,17 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    no_repeat_ngram_size: int = 0
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | tuple[int, ...] | None = None
+
+    @property
+    def constrained(self) -> bool:
+        """True when :func:`apply_constraints` changes anything."""
+        return bool(self.no_repeat_ngram_size) or self.forced_bos_token_id is not None or bool(self.forced_eos_token_id)
 
     @property
     def greedy(self) -> bool:
@@ -171,6 +190,29 @@ class SamplingParams:
             if i < 0:
                 raise GenerationError(f"stop_token_ids must be >= 0, got {i}")
         self.stop_token_ids = tuple(int(i) for i in ids)
+
+        # beam search and constraints
+        for name in ("num_beams", "no_repeat_ngram_size"):
+            value, least = getattr(self, name), 1 if name == "num_beams" else 0
+            if not _is_int(value) or value < least:
+                raise GenerationError(f"{name} must be an int >= {least}, got {value!r}")
+            setattr(self, name, int(value))
+        if not _is_real(self.length_penalty) or not math.isfinite(float(self.length_penalty)):
+            raise GenerationError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        self.length_penalty = float(self.length_penalty)
+        if self.early_stopping not in (True, False, "never"):
+            raise GenerationError(f"early_stopping must be true, false or 'never', got {self.early_stopping!r}")
+        if self.num_beams > 1 and not self.greedy:
+            raise GenerationError("num_beams > 1 is beam search, which is greedy here: use temperature=0")
+        if self.forced_bos_token_id is not None and (not _is_int(self.forced_bos_token_id)
+                                                     or self.forced_bos_token_id < 0):
+            raise GenerationError(f"forced_bos_token_id must be a token id or None, got {self.forced_bos_token_id!r}")
+        eos = self.forced_eos_token_id
+        if eos is not None:
+            eos = (eos,) if _is_int(eos) else eos
+            if not isinstance(eos, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in eos):
+                raise GenerationError(f"forced_eos_token_id must be a token id, a list of them or None, got {eos!r}")
+            self.forced_eos_token_id = tuple(int(i) for i in eos)
         return self
 
 
@@ -228,6 +270,44 @@ def _apply_min_p(scores: Tensor, min_p: float) -> Tensor:
     probs = scores.softmax(dim=-1)
     threshold = probs.amax(dim=-1, keepdim=True) * min_p
     return scores.masked_fill(probs < threshold, _NEG_INF)
+
+
+def _ban_repeated_ngrams(scores: Tensor, ids: Tensor, n: int) -> Tensor:
+    """HF ``NoRepeatNGramLogitsProcessor``: a token that would complete an n-gram already in ``ids`` is -inf."""
+    cur_len = ids.shape[-1]
+    if cur_len < n:
+        return scores
+    prefix = ids[:, cur_len + 1 - n:]
+    windows = ids.unfold(dimension=1, size=n, step=1)
+    matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1)
+    vocab = scores.shape[-1]
+    banned = torch.zeros((scores.shape[0], vocab + 1), dtype=torch.bool, device=scores.device)
+    banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab), True)
+    return scores.masked_fill(banned[:, :vocab], _NEG_INF)
+
+
+def _force(scores: Tensor, token_ids) -> Tensor:
+    forced = torch.full_like(scores, _NEG_INF)
+    forced[:, list(token_ids)] = 0
+    return forced
+
+
+def apply_constraints(scores: Tensor, params: SamplingParams, ids: Tensor, max_length: int) -> Tensor:
+    """HF's sequence constraints, in HF's order, on float scores ``[N, V]`` (logits or log-probs).
+
+    ``ids [N, L]`` is the decoder's whole sequence so far (prompt included, as HF's ``input_ids``: for an
+    encoder-decoder the decoder start token and the generated tokens) and ``max_length`` the length it may
+    reach (its prompt length + ``max_new_tokens``). No-repeat n-grams, then the forced BOS token when
+    ``L == 1``, then the forced EOS token(s) when ``L == max_length - 1``.
+    """
+    if params.no_repeat_ngram_size:
+        scores = _ban_repeated_ngrams(scores, ids, params.no_repeat_ngram_size)
+    cur_len = ids.shape[-1]
+    if params.forced_bos_token_id is not None and cur_len == 1:
+        scores = _force(scores, (params.forced_bos_token_id,))
+    if params.forced_eos_token_id and cur_len == max_length - 1:
+        scores = _force(scores, params.forced_eos_token_id)
+    return scores
 
 
 def _check_inputs(logits: Tensor, prev_ids: Tensor | None, prev_mask: Tensor | None) -> None:
