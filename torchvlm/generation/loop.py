@@ -4,6 +4,13 @@ prefill: ``model.prepare_inputs`` (embeddings with image features merged, rope p
 with a fresh static KV cache -> logits of the last position; then one decode step per token: embed the
 sampled ids, advance each row's rope position by one, attend over the cache.
 
+An encoder-decoder model (``model.is_encoder_decoder``, Florence-2) runs through the same loop: its prefill
+is ``model.encode`` (image features merged, encoder run once), the cross-attention keys/values computed once
+from the encoder output, and a first decoder step on the decoder start token; each decode step then takes the
+decoder KV cache and that cross-attention cache explicitly (:class:`Seq2SeqSession`, next to
+:class:`CausalSession` for decoder-only models). ``num_beams > 1`` runs beam search
+(:func:`torchvlm.generation.beam.beam_search`) over the same sessions.
+
 Everything a step needs is passed in explicitly; the model keeps no state between calls, so any number of
 generations may run one after another (or interleaved) on the same model.
 """
@@ -18,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import GenerationError
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, apply_constraints
 
 
 @dataclass
@@ -63,12 +70,146 @@ def _eos_ids(model, tokenizer, ignore_eos: bool) -> set[int]:
     return ids
 
 
-def _params(params: SamplingParams | None, kwargs: dict) -> SamplingParams:
+def _params(params: SamplingParams | None, kwargs: dict, model=None) -> SamplingParams:
     fields = SamplingParams.__dataclass_fields__
     sampling = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
     if params is not None and sampling:
         raise GenerationError(f"give either params= or sampling keywords, not both ({', '.join(sampling)})")
-    return (params or SamplingParams(**sampling)).validate()
+    if params is None:
+        # a model's own generation defaults (Florence-2: beam search, no-repeat n-grams) under the user's keywords
+        hook = getattr(model, "generation_defaults", None)
+        defaults = dict(hook()) if hook is not None else {}
+        if sampling.get("temperature") and "num_beams" not in sampling:
+            defaults.pop("num_beams", None)  # asking to sample means no (greedy) beam search
+        params = SamplingParams(**{**defaults, **sampling})
+    return params.validate()
+
+
+class CausalSession:
+    """Decoder-only generation state: the prompt prefilled into a fresh static KV cache, then one token per
+    :meth:`step`. ``logits`` holds the last position's logits, ``context_ids`` / ``context_mask`` the tokens
+    the decoder has seen before the first new one (the prompt)."""
+
+    def __init__(self, model, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int, kwargs: dict, *,
+                 compile: bool = False):
+        if not bool(attention_mask[:, -1].all()):
+            raise GenerationError("the prompt batch is right-padded; generation needs left padding "
+                                  "(processor(..., padding_side='left'), the default)")
+        b, t = input_ids.shape
+        total = t + max_new_tokens
+        longest = int(attention_mask.sum(-1).max())  # real tokens; left padding takes cache slots, not positions
+        limit = model.text_config.max_position_embeddings
+        dynamic = (model.text_config.rope_scaling or {}).get("rope_type") == "dynamic"  # extends the context
+        if longest + max_new_tokens > limit and not dynamic:
+            raise GenerationError(
+                f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
+                f"{longest + max_new_tokens} exceeds the model's context length ({limit} tokens); "
+                "shorten the prompt or lower max_new_tokens"
+            )
+        self.lm = lm = model.language_model
+        inputs = model.prepare_inputs(input_ids, attention_mask, **kwargs)
+        self.cache = lm.new_cache(b, total)
+        hidden, _ = lm.model(inputs.embeds, inputs.positions, cache=self.cache, start=0, **inputs.decoder_kwargs())
+        self.logits = lm.logits(hidden[:, -1])
+        self.context_ids, self.context_mask = input_ids, attention_mask
+        self.key_valid = None  # preallocated key validity; slices of it are passed on
+        if inputs.key_valid is not None:
+            self.key_valid = torch.ones((b, total), dtype=torch.bool, device=input_ids.device)
+            self.key_valid[:, :t] = inputs.key_valid
+        self.positions = inputs.last_positions()  # decode steps continue from here with plain [B, 1] positions
+        self.step_fn = None
+        if compile:
+            from .compiled import CompiledDecoder, supported
+
+            if supported(lm)[0]:
+                pad_valid = None
+                if self.key_valid is not None:  # the compiled step masks the slots after its own; padding only here
+                    pad_valid = self.key_valid.clone()
+                self.step_fn = CompiledDecoder(lm, self.cache, pad_valid)
+
+    def step(self, nxt: Tensor, end: int) -> Tensor:
+        """Logits ``[B, V]`` after feeding ``nxt [B]`` at cache slot ``end``."""
+        self.positions = self.positions + 1
+        if self.step_fn is not None:
+            return self.step_fn(nxt[:, None], self.positions, end)
+        lm = self.lm
+        hidden, _ = lm.model(
+            lm.model.embed(nxt[:, None]),
+            self.positions,
+            cache=self.cache,
+            start=end,
+            key_valid=None if self.key_valid is None else self.key_valid[:, : end + 1],
+        )
+        return lm.logits(hidden[:, -1])
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep (and repeat) the batch rows ``index [N]`` (beam search: expand, then follow the beams)."""
+        if self.step_fn is not None:
+            raise GenerationError("compile=True does not support beam search (num_beams > 1)")
+        self.cache.k = [k.index_select(0, index) for k in self.cache.k]
+        self.cache.v = [v.index_select(0, index) for v in self.cache.v]
+        self.positions = self.positions.index_select(0, index)
+        if self.key_valid is not None:
+            self.key_valid = self.key_valid.index_select(0, index)
+        self.logits = self.logits.index_select(0, index)
+        self.context_ids = self.context_ids.index_select(0, index)
+        self.context_mask = self.context_mask.index_select(0, index)
+
+
+class Seq2SeqSession:
+    """Encoder-decoder generation state. The prompt (image features merged) is encoded once by
+    ``model.encode``; the cross-attention keys/values of every decoder layer are computed once from it
+    (``language_model.cross_kv``) and passed to each decoder step with the decoder's own KV cache. The decoder
+    starts from ``model.decoder_start_token_id`` (its one context token)."""
+
+    def __init__(self, model, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int, kwargs: dict):
+        self.lm = lm = model.language_model
+        limit = lm.cfg.max_position_embeddings
+        for what, n in (("prompt", input_ids.shape[1]), ("1 + max_new_tokens", 1 + max_new_tokens)):
+            if n > limit:
+                raise GenerationError(f"{what} ({n} tokens) exceeds the model's max_position_embeddings ({limit})")
+        hidden, self.encoder_valid = model.encode(input_ids, attention_mask, **kwargs)
+        self.cross = lm.cross_kv(hidden)
+        b = input_ids.shape[0]
+        self.cache = lm.new_cache(b, 1 + max_new_tokens)
+        self.context_ids = torch.full((b, 1), model.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
+        self.context_mask = torch.ones_like(self.context_ids)
+        self.logits = self.step(self.context_ids[:, 0], 0)
+
+    def step(self, nxt: Tensor, end: int) -> Tensor:
+        """Logits ``[B, V]`` after feeding ``nxt [B]`` at decoder slot ``end``."""
+        hidden = self.lm.decode(nxt[:, None], self.cross, encoder_valid=self.encoder_valid, cache=self.cache,
+                                start=end)
+        return self.lm.logits(hidden[:, -1])
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep (and repeat) the batch rows ``index [N]``."""
+        self.cache.k = [k.index_select(0, index) for k in self.cache.k]
+        self.cache.v = [v.index_select(0, index) for v in self.cache.v]
+        self.cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross]
+        if self.encoder_valid is not None:
+            self.encoder_valid = self.encoder_valid.index_select(0, index)
+        self.logits = self.logits.index_select(0, index)
+        self.context_ids = self.context_ids.index_select(0, index)
+        self.context_mask = self.context_mask.index_select(0, index)
+
+
+def open_session(model, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int, kwargs: dict, *,
+                 compile: bool = False):
+    """Prefill: a :class:`Seq2SeqSession` for an encoder-decoder model, else a :class:`CausalSession`."""
+    if getattr(model, "is_encoder_decoder", False):
+        return Seq2SeqSession(model, input_ids, attention_mask, max_new_tokens, kwargs)
+    return CausalSession(model, input_ids, attention_mask, max_new_tokens, kwargs, compile=compile)
+
+
+def _prepare(model, input_ids: Tensor, attention_mask: Tensor | None, kwargs: dict):
+    """Inputs moved to the model's device (attention mask defaulting to all ones)."""
+    device = model.device
+    input_ids = input_ids.to(device)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    kwargs = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
+    return input_ids, attention_mask.to(device), kwargs
 
 
 @torch.inference_mode()
@@ -99,69 +240,42 @@ def stream_generate(
             per model and batch size (about a minute for SmolLM2-135M on 2 cores). Off by default.
         **kwargs: model inputs besides ids/mask (``pixel_values``, ``token_type_ids``, ...).
     """
-    params = _params(params, kwargs)
+    params = _params(params, kwargs, model)
+    if params.num_beams > 1:
+        raise GenerationError("beam search (num_beams > 1) picks whole sequences at the end and cannot stream; "
+                              "use generate()")
     if params.stop and tokenizer is None:
         raise GenerationError("stop strings need a tokenizer (pass tokenizer=processor.tokenizer)")
     from .stopping import StopChecker
 
     device = model.device
-    input_ids = input_ids.to(device)
-    b, t = input_ids.shape
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    attention_mask = attention_mask.to(device)
-    kwargs = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
+    input_ids, attention_mask, kwargs = _prepare(model, input_ids, attention_mask, kwargs)
+    b = input_ids.shape[0]
     eos = _eos_ids(model, tokenizer, ignore_eos) | set(params.stop_token_ids)
     if pad_id is None:
         pad_id = model.text_config.pad_token_id if model.text_config.pad_token_id is not None else 0
-    if not bool(attention_mask[:, -1].all()):
-        raise GenerationError("the prompt batch is right-padded; generation needs left padding "
-                              "(processor(..., padding_side='left'), the default)")
+    session = open_session(model, input_ids, attention_mask, params.max_new_tokens, kwargs, compile=compile)
+    logits = session.logits
+    context = session.context_ids  # what the decoder has seen: the prompt (decoder-only) or the start token
+    t = context.shape[1]
     total = t + params.max_new_tokens
-    longest = int(attention_mask.sum(-1).max())  # real tokens; left padding takes cache slots, not positions
-    limit = model.text_config.max_position_embeddings
-    dynamic = (model.text_config.rope_scaling or {}).get("rope_type") == "dynamic"  # extends the context
-    if longest + params.max_new_tokens > limit and not dynamic:
-        raise GenerationError(
-            f"prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) = "
-            f"{longest + params.max_new_tokens} exceeds the model's context length ({limit} tokens); "
-            "shorten the prompt or lower max_new_tokens"
-        )
-    lm = model.language_model
 
-    inputs = model.prepare_inputs(input_ids, attention_mask, **kwargs)
-    cache = lm.new_cache(b, total)
-    hidden, _ = lm.model(inputs.embeds, inputs.positions, cache=cache, start=0, **inputs.decoder_kwargs())
-    logits = lm.logits(hidden[:, -1])
-
-    # Preallocated history (for the repetition penalty) and key validity; slices of them are passed on.
+    # Preallocated history (for the repetition penalty and the constraints); slices of it are passed on.
     seen = torch.full((b, total), pad_id, dtype=torch.long, device=device)
-    seen[:, :t] = input_ids
+    seen[:, :t] = context
     seen_mask = torch.zeros((b, total), dtype=torch.long, device=device)
-    seen_mask[:, :t] = attention_mask
-    key_valid = None
-    if inputs.key_valid is not None:
-        key_valid = torch.ones((b, total), dtype=torch.bool, device=device)
-        key_valid[:, :t] = inputs.key_valid
+    seen_mask[:, :t] = session.context_mask
     eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=device)
     sampler = Sampler(params, device=device)
     stops = [StopChecker(params.stop) for _ in range(b)] if tokenizer is not None else None
     decoders = [tokenizer.stream_decoder() for _ in range(b)] if tokenizer is not None else None
     finished = [False] * b
     reasons: list[str | None] = [None] * b
-    positions = inputs.last_positions()  # decode steps continue from here with plain [B, 1] positions
-    step_fn = None
-    if compile:
-        from .compiled import CompiledDecoder, supported
-
-        if supported(lm)[0]:
-            pad_valid = None
-            if key_valid is not None:  # the compiled step masks the slots after its own; padding only here
-                pad_valid = key_valid.clone()
-            step_fn = CompiledDecoder(lm, cache, pad_valid)
 
     for step in range(params.max_new_tokens):
         end = t + step
+        if params.constrained:  # HF's no-repeat n-grams / forced BOS / forced EOS (off for most models)
+            logits = apply_constraints(logits.float(), params, seen[:, :end], total)
         nxt = sampler(logits, seen[:, :end], seen_mask[:, :end])
         active = [not f for f in finished]
         done = torch.isin(nxt, eos_t).tolist() if len(eos) else [False] * b
@@ -195,18 +309,7 @@ def stream_generate(
             return
         seen[:, end] = nxt
         seen_mask[:, end] = torch.tensor(active, dtype=torch.long, device=device)
-        positions = positions + 1
-        if step_fn is not None:
-            logits = step_fn(nxt[:, None], positions, end)
-            continue
-        hidden, _ = lm.model(
-            lm.model.embed(nxt[:, None]),
-            positions,
-            cache=cache,
-            start=end,
-            key_valid=None if key_valid is None else key_valid[:, : end + 1],
-        )
-        logits = lm.logits(hidden[:, -1])
+        logits = session.step(nxt, end)
 
 
 def generate(
@@ -215,7 +318,15 @@ def generate(
     attention_mask: Tensor | None = None,
     **kwargs: Any,
 ) -> GenerationOutput:
-    """Run :func:`stream_generate` to the end and collect the result (same arguments)."""
+    """Run :func:`stream_generate` to the end and collect the result (same arguments); with
+    ``num_beams > 1`` (a keyword, ``params`` or the model's :meth:`generation_defaults`) run beam search
+    (:func:`torchvlm.generation.beam.beam_search`) instead."""
+    params = _params(kwargs.pop("params", None), kwargs, model)
+    if params.num_beams > 1:
+        from .beam import beam_search
+
+        return beam_search(model, input_ids, attention_mask, params=params, **kwargs)
+    kwargs["params"] = params
     steps: list[Tensor] = []
     texts = None
     last = None
