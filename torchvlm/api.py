@@ -14,6 +14,7 @@ from .errors import ProcessorError
 from .generation.loop import stream_generate as _stream_generate
 from .hub import resolve_model_path
 from .models.base import VLM
+from .processing.image import is_single_image
 from .processing.processor import Processor
 
 
@@ -112,19 +113,74 @@ def stream_generate(
 def generate(
     model: VLM,
     processor: Processor,
-    prompt: str | list[dict],
+    prompt: str | list[dict] | None = None,
     images: Sequence[Any] | None = None,
     *,
     videos: Sequence[Any] | None = None,
     chat: bool = True,
     return_output: bool = False,
+    task: str | None = None,
     **kwargs: Any,
-) -> str | GenerationOutput:
+) -> str | GenerationOutput | dict:
     """Answer one prompt (with optional images); returns the text (or the full :class:`GenerationOutput`
-    with ``return_output=True``). Arguments as in :func:`stream_generate`."""
+    with ``return_output=True``). Arguments as in :func:`stream_generate`.
+
+    With ``task=`` (processors that have tasks, see :func:`run_task`) the model runs that task on the one
+    image of ``images`` and ``prompt`` is the task's text input (``None`` for tasks that take none); the
+    result is the task's answer: text, or a dict of boxes / polygons and labels in image pixels."""
+    if task is not None:
+        if videos:
+            raise ProcessorError("task= takes one image, not videos")
+        if return_output:
+            raise ProcessorError("return_output=True does not combine with task= (the answer is post-processed)")
+        if prompt is not None and not isinstance(prompt, str):
+            raise ProcessorError(f"with task=, prompt is the task's text input (a string), got {type(prompt).__name__}")
+        ims = [] if images is None else [images] if is_single_image(images) else list(images)
+        if len(ims) != 1:
+            raise ProcessorError(f"task '{task}' needs exactly one image (images=[...]), got {len(ims)}")
+        return run_task(model, processor, task, ims[0], text=prompt, **kwargs)
+    if prompt is None:
+        raise ProcessorError("generate: prompt is required (or task= for processors with tasks)")
     batch = _batch(processor, prompt, images, chat, videos)
     out = _generate(model, tokenizer=processor.tokenizer, **batch, **kwargs)
     return out if return_output else out.texts[0]
 
 
-__all__ = ["load", "load_processor", "generate", "stream_generate", "build_messages"]
+def processor_tasks(processor: Processor) -> tuple[str, ...]:
+    """The task names a processor runs (empty for processors without tasks).
+
+    A processor has tasks when it exposes ``tasks`` (names), ``task_prompt(task, text)``,
+    ``post_process_task(ids, task, image_size)`` (Florence-2 does)."""
+    return tuple(getattr(processor, "tasks", None) or ())
+
+
+def run_task(model: VLM, processor: Processor, task: str, image: Any, text: str | None = None,
+             **kwargs: Any) -> str | dict:
+    """Run one *task* of a processor that has tasks (e.g. Florence-2's ``"OD"``, ``"CAPTION"``,
+    ``"OCR_WITH_REGION"``, ``"CAPTION_TO_PHRASE_GROUNDING"``) on one image.
+
+    Args:
+        model, processor: from :func:`load`.
+        task: a task name of ``processor.tasks`` (``"OD"`` or ``"<OD>"``; case-insensitive).
+        image: anything :func:`~torchvlm.processing.image.load_image` takes.
+        text: the task's text input, for tasks that take one (a phrase, or a region as location tokens).
+        **kwargs: generation settings (``max_new_tokens``, ``num_beams`` where supported, ...).
+
+    Returns:
+        the post-processed answer: a string for text tasks, else a dict such as
+        ``{"bboxes": [[x1, y1, x2, y2], ...], "labels": [...]}`` in pixels of *image*.
+
+    Raises ProcessorError when the processor has no tasks, the task is unknown (the message lists the valid
+    ones) or its text input is missing / not expected.
+    """
+    if not processor_tasks(processor):
+        raise ProcessorError(f"task '{task}': {type(processor).__name__} has no tasks; ask with a prompt instead")
+    prompt = processor.task_prompt(task, text)
+    loaded = processor.load_images([image])[0]
+    batch = processor(text=prompt, images=[loaded])
+    out = _generate(model, tokenizer=processor.tokenizer, **batch, **kwargs)
+    return processor.post_process_task(out.sequences[0], task, image_size=loaded.size)
+
+
+__all__ = ["load", "load_processor", "generate", "stream_generate", "build_messages", "run_task",
+           "processor_tasks"]
