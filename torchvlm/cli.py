@@ -66,6 +66,12 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     """``torchvlm generate``: answer one prompt (with optional images) and print the answer."""
     from .api import build_messages, generate, stream_generate
 
+    if getattr(ns, "task", None) is not None:
+        return _run_task(ns)
+    if ns.prompt is None:
+        raise TorchVLMError("--prompt is required (or --task for models with task prompts)")
+    if getattr(ns, "text", None) is not None:
+        raise TorchVLMError("--text is the input of a --task; without --task use --prompt")
     model, processor = _load(ns)
     images, videos = list(ns.image or []), list(ns.video or [])
     if images and model.image_token_id is None:
@@ -85,6 +91,29 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         print()
     else:
         print(generate(model, processor, prompt, chat=not ns.raw, **kwargs))
+    return 0
+
+
+def _run_task(ns: argparse.Namespace) -> int:
+    """``torchvlm generate --task T --image I [--text X]``: print the task's answer (text, or one line of JSON)."""
+    from .api import processor_tasks, run_task
+
+    for flag, value in (("--prompt", ns.prompt), ("--video", ns.video), ("--system", ns.system),
+                        ("--stream", ns.stream or None)):
+        if value:
+            hint = " (give the task's text input with --text)" if flag == "--prompt" else ""
+            raise TorchVLMError(f"{flag} cannot be used with --task{hint}")
+    images = list(ns.image or [])
+    if len(images) != 1:
+        raise TorchVLMError(f"--task needs exactly one --image, got {len(images)}")
+    model, processor = _load(ns)
+    tasks = processor_tasks(processor)
+    if not tasks:
+        raise TorchVLMError(f"--task: model '{ns.model}' has no task prompts ({type(processor).__name__}); "
+                            "ask with --prompt instead")
+    processor.task_prompt(ns.task, ns.text)  # unknown task / missing or unexpected --text: fail before generating
+    answer = run_task(model, processor, ns.task, images[0], text=ns.text, **_sampling(ns))
+    print(answer if isinstance(answer, str) else json.dumps(answer))
     return 0
 
 
@@ -203,7 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="answer one prompt (with optional images)")
     _model_args(g)
-    g.add_argument("--prompt", "-p", required=True)
+    g.add_argument("--prompt", "-p", default=None, help="the question / instruction (required unless --task)")
+    g.add_argument("--task", default=None,
+                   help="run a task of a model with task prompts (Florence-2: OD, CAPTION, OCR_WITH_REGION, ...) on "
+                        "one --image; structured answers print as JSON")
+    g.add_argument("--text", default=None, help="the --task's text input, for tasks that take one")
     g.add_argument("--image", "-i", action="append", help="image path / URL-less source (repeatable)")
     g.add_argument("--video", action="append", help="video file (repeatable; Qwen-VL models; needs torchvlm[video])")
     g.add_argument("--system", default=None, help="system message")
