@@ -24,6 +24,8 @@ FAMILIES: dict[str, str] = {
     "internvl": "torchvlm.models.internvl.model:InternVLModel",
     # the original OpenGVLab remote-code layout of the same models (config rewritten, weights renamed)
     "internvl_chat": "torchvlm.models.internvl.model:InternVLModel",
+    # encoder-decoder: DaViT + BART (the generate loop's Seq2SeqSession)
+    "florence2": "torchvlm.models.florence2.model:Florence2Model",
     # plain decoders: text chat and LM backbones (one class, the decoder flags come from config.TEXT_FLAVOURS)
     "llama": "torchvlm.models.text_lm:TextLM",
     "mistral": "torchvlm.models.text_lm:TextLM",
@@ -45,6 +47,7 @@ ARCHITECTURES: dict[str, str] = {
     "SmolVLMForConditionalGeneration": "smolvlm",
     "InternVLForConditionalGeneration": "internvl",
     "InternVLChatModel": "internvl_chat",
+    "Florence2ForConditionalGeneration": "florence2",
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
