@@ -1,0 +1,14 @@
+"""Fine-tuning: LLaVA-style conversation data, full / projector / LoRA / QLoRA training, resumable
+checkpoints, adapter merging (docs/finetuning.md). Needs the ``train`` extra (``peft``, ``tqdm``)."""
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .collate import collate
+from .data import ConversationDataset, DataError, Sample, read_samples
+from .finetune import FinetuneConfig, finetune, merge_adapter, parameter_parts
+from .lora import apply_lora, load_adapter, merge_lora, save_adapter
+
+__all__ = [
+    "ConversationDataset", "DataError", "FinetuneConfig", "Sample", "apply_lora", "collate", "finetune",
+    "latest_checkpoint", "load_adapter", "load_checkpoint", "merge_adapter", "merge_lora", "parameter_parts",
+    "read_samples", "save_adapter", "save_checkpoint",
+]
