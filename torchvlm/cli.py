@@ -1,4 +1,4 @@
-"""The ``torchvlm`` command line: ``generate``, ``chat``, ``info``, ``bench``, ``serve``.
+"""The ``torchvlm`` command line: ``generate``, ``chat``, ``info``, ``bench``, ``serve``, ``finetune``, ``merge-lora``.
 
 User errors (missing model, bad image, bad argument) print one ``error: ...`` line and exit with status 2;
 no stack trace. ``TORCHVLM_DEBUG=1`` shows the trace.
@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from .bench import add_bench_parser
 from .errors import TorchVLMError
 from .serve.cli import add_serve_parser
+from .train.cli import add_train_parsers
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -261,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
     add_serve_parser(sub)
+    add_train_parsers(sub)
     return p
 
 
