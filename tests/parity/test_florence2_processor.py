@@ -278,3 +278,35 @@ def test_save_round_trip(procs, tmp_path):
     text = f"</s><s>{BOXES}</s>"
     assert (hf_again.post_process_generation(text, task="<OD>", image_size=(50, 60))
             == again.post_process_generation(text, task="<OD>", image_size=(50, 60)))
+
+
+def test_hub_style_tokenizer_config(tmp_path):
+    """The hub checkpoints' tokenizer_config.json: BartTokenizer, image token under extra_special_tokens."""
+    import json
+
+    from transformers import AutoProcessor
+
+    save_florence2_processor(tmp_path)
+    tc = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    tc.pop("image_token", None)
+    tc.update(extra_special_tokens={"image_token": "<image>"}, tokenizer_class="BartTokenizer", add_prefix_space=False)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tc))
+    hf, ours = AutoProcessor.from_pretrained(tmp_path), Processor.from_pretrained(tmp_path)
+    assert ours.image_token_id == hf.image_token_id
+    im = make_image(40, 50)
+    for text in ("<OD>", "<CAPTION_TO_PHRASE_GROUNDING>A green car é日 😀"):
+        assert_same(hf(text=text, images=im, return_tensors="pt"), ours(text=text, images=im))
+
+
+def test_checkpoint_without_location_tokens_is_refused():
+    """The original remote-code tokenizer has no <loc_*> tokens: a clear error, not silent byte pieces."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers.models import BPE
+
+    from torchvlm.processing.tokenizer import Tokenizer
+
+    backend = Backend(BPE(vocab={"<s>": 0, "<pad>": 1, "</s>": 2, "a": 3}, merges=[]))
+    backend.add_special_tokens(["<s>", "<pad>", "</s>", "<image>"])
+    tok = Tokenizer(backend, {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"})
+    with pytest.raises(ConfigError, match="'<loc_0>' is not in the vocabulary"):
+        Florence2Processor(tok)
