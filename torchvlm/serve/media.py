@@ -292,7 +292,7 @@ class MediaPolicy:
                 raise MediaError(f"the image is larger than {cap} bytes", code="image_too_large")
             chunks, total = [], 0
             while True:
-                sock.settimeout(remaining())
+                remaining()  # the overall deadline; each read is bounded by the socket timeout
                 chunk = resp.read(_CHUNK)
                 if not chunk:
                     break
