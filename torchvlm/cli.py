@@ -49,6 +49,7 @@ def _sampling(ns: argparse.Namespace) -> dict:
         compile=getattr(ns, "compile", False),
         max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
         min_p=ns.min_p, repetition_penalty=ns.repetition_penalty, seed=ns.seed, stop=tuple(ns.stop),
+        **({"num_beams": ns.num_beams} if getattr(ns, "num_beams", None) is not None else {}),
     )
 
 
@@ -238,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run a task of a model with task prompts (Florence-2: OD, CAPTION, OCR_WITH_REGION, ...) on "
                         "one --image; structured answers print as JSON")
     g.add_argument("--text", default=None, help="the --task's text input, for tasks that take one")
+    g.add_argument("--num-beams", type=int, default=None,
+                   help="beam search width (greedy, not streamable); default: the model's generation config")
     g.add_argument("--image", "-i", action="append", help="image path / URL-less source (repeatable)")
     g.add_argument("--video", action="append", help="video file (repeatable; Qwen-VL models; needs torchvlm[video])")
     g.add_argument("--system", default=None, help="system message")
