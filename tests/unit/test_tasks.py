@@ -184,19 +184,24 @@ def florence_model_dir(tmp_path_factory):
 
 
 @pytest.mark.skipif(not HAS_MODEL, reason="needs torchvlm.models.florence2 (the Florence-2 model)")
-@pytest.mark.parametrize("task,text", [("OD", None), ("CAPTION", None), ("CAPTION_TO_PHRASE_GROUNDING", "a car"),
-                                       ("OCR_WITH_REGION", None)])
-def test_cli_task_end_to_end_matches_hf(florence_model_dir, image_path, capsys, task, text):
+@pytest.mark.parametrize("task,text,beams", [("OD", None, 1), ("CAPTION", None, 1),
+                                             ("CAPTION_TO_PHRASE_GROUNDING", "a car", 1), ("OCR_WITH_REGION", None, 1),
+                                             ("OD", None, 3), ("REGION_TO_DESCRIPTION", "<loc_1><loc_2><loc_500><loc_600>", 3)])
+def test_cli_task_end_to_end_matches_hf(florence_model_dir, image_path, capsys, task, text, beams):
     d, hf_model, hf_proc = florence_model_dir
     image = Image.open(image_path).convert("RGB")
     token = f"<{task}>"
     inputs = hf_proc(text=token + (text or ""), images=image, return_tensors="pt")
     with torch.no_grad():
-        ids = hf_model.generate(**inputs, max_new_tokens=12, num_beams=1, do_sample=False)
+        ids = hf_model.generate(**inputs, max_new_tokens=12, num_beams=beams, do_sample=False)
     hf_text = hf_proc.batch_decode(ids, skip_special_tokens=False)[0]
     want = hf_proc.post_process_generation(hf_text, task=token, image_size=image.size)[token]
     args = ["generate", "--model", str(d), "--image", str(image_path), "--task", task, "--max-new-tokens", "12",
-            "--dtype", "fp32", "--no-optimize"] + (["--text", text] if text else [])
+            "--dtype", "fp32", "--no-optimize", "--num-beams", str(beams)] + (["--text", text] if text else [])
     assert main(args) == 0
     printed = capsys.readouterr().out.rstrip("\n")
     assert (printed if isinstance(want, str) else json.loads(printed)) == want
+    if beams > 1:  # the Python API, same answer
+        model, proc = torchvlm.load(d, dtype="fp32")
+        assert torchvlm.generate(model, proc, text, images=[image], task=task, max_new_tokens=12,
+                                 num_beams=beams) == want
