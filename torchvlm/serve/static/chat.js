@@ -85,7 +85,7 @@
     answer.parentElement.classList.add("answer");
     sendButton.disabled = true;
     status.textContent = "generating...";
-    let full = "";
+    let full = "", chunks = 0;
     try {
       const resp = await fetch("/v1/chat/completions", {
         method: "POST", headers: headers(),
@@ -113,7 +113,11 @@
             const obj = JSON.parse(data);
             if (obj.error) throw new Error(obj.error.message);
             for (const c of obj.choices || []) {
-              if (c.delta && c.delta.content) { full += c.delta.content; answer.textContent = full; }
+              if (c.delta && c.delta.content) {
+                full += c.delta.content; chunks += 1;
+                answer.textContent = full;
+                answer.parentElement.dataset.chunks = String(chunks);
+              }
             }
           }
         }
