@@ -214,7 +214,6 @@ def _quantize(locations: torch.Tensor, size: tuple[int, int], bins_wh: tuple[int
     return torch.cat(out, dim=-1).int()
 
 
-_STRIP = ("<s>", "</s>", "<pad>")
 _TEXT_PATTERN = r"^\s*(.*?)(?=<od>|</od>|<box>|</box>|<bbox>|</bbox>|<loc_)"
 _BOX_PATTERN = r"<loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)>"
 _DEFAULT_OCR_PATTERN = r"(.+?)<loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)>"
@@ -383,19 +382,14 @@ class Florence2PostProcessor:
                             bbox = [0, 0, 0, 0]
                     if len(poly_bins) % 2 == 1:
                         poly_bins = poly_bins[:-1]
+                    # HF dequantizes an empty [0, 2] tensor here, which gives an empty polygon
                     polygons.append(self.dequantize(torch.tensor(poly_bins).reshape(-1, 2).tolist(),
-                                                    image_size).flatten().tolist()
-                                    if poly_bins else self._empty_polygon())
+                                                    image_size).flatten().tolist() if poly_bins else [])
                 instance: dict[str, Any] = {"cat_name": phrase, "polygons": polygons}
                 if bbox:
                     instance["bbox"] = self.dequantize([bbox], image_size)[0].tolist()
                 instances.append(instance)
         return instances
-
-    @staticmethod
-    def _empty_polygon() -> list:
-        # HF: dequantize(tensor([]).reshape(-1, 2)) -> a float [0, 2] tensor -> .int().flatten().tolist() == []
-        return []
 
     def __call__(self, text: str | None = None, sequence: Any = None, image_size: tuple[int, int] | None = None,
                  parse_tasks: str | Sequence[str] | None = None) -> dict[str, Any]:
