@@ -14,7 +14,9 @@ changes what the model computes (tests/unit/test_fast_paths.py):
   layout (:class:`PackedLinear`), which the oneDNN matmul reads about twice as fast for the few-row
   products of a decode step as a plain ``F.linear`` (which re-lays the weight out on each call). Bit-identical
   results (same kernel). Inference only: the packed weight is no parameter (no gradient, ``model.to(dtype)``
-  does not convert it); ``state_dict()`` unpacks it under the usual ``weight`` name.
+  does not convert it); ``state_dict()`` unpacks it under the usual ``weight`` name. On CPUs without
+  oneDNN bf16/fp16 GEMMs (AVX2-only), the layers become :class:`UpcastLinear` instead, whose prefill-sized
+  products run in float32 (5-8x faster there; rounded as bf16 products are, not bit-identical).
 
 :func:`optimize_for_inference` applies both. docs/performance.md has the measurements.
 """
@@ -22,11 +24,15 @@ changes what the model computes (tests/unit/test_fast_paths.py):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PackedLinear", "fuse_projections", "pack_linears", "optimize_for_inference", "can_pack"]
+__all__ = ["PackedLinear", "UpcastLinear", "fuse_projections", "pack_linears", "optimize_for_inference", "can_pack"]
 
 _PACK_DTYPES = (torch.bfloat16, torch.float16)
+
+#: Fewest rows (tokens) of a product that :class:`UpcastLinear` runs in float32.
+UPCAST_MIN_ROWS = 16
 
 
 # ---------------------------------------------------------------------------------------------- fusion
@@ -170,14 +176,41 @@ class PackedLinear(nn.Module):
                f"dtype={self.dtype}, layout=onednn-packed"
 
 
-def pack_linears(model: nn.Module, *, include=None) -> nn.Module:
-    """Replace the bf16/fp16 CPU ``nn.Linear`` layers of ``model`` by :class:`PackedLinear` (in place).
+class UpcastLinear(nn.Linear):
+    """An ``nn.Linear`` (bf16/fp16, CPU) whose products of at least :data:`UPCAST_MIN_ROWS` rows run in float32.
 
-    ``include(name, linear) -> bool`` picks layers by dotted name (default: every such layer, the vision
-    tower's too: packing is bit-identical, and Qwen2-VL-2B's 1024-patch image encode took 2.83 -> 2.53 s
-    with its linears packed). A no-op where
-    :func:`can_pack` is False. float32 layers are left alone: oneDNN's packed float32 product rounds
-    differently from ``F.linear`` (MKL) and was not faster for one row (docs/performance.md).
+    For CPUs where :func:`can_pack` is False (no AVX512-BF16 / AMX: oneDNN has no bf16 GEMM there), PyTorch
+    multiplies bf16 matrices with a generic kernel at about 20 GFLOP/s on 2 AVX2 cores, while the float32
+    MKL GEMM on upcast copies of both operands runs 5-8x faster for prefill-sized products (prompt prefill,
+    vision towers; docs/performance.md). Decode-sized products (fewer rows) stay in bf16, where upcasting the
+    weight on every call would cost more than it saves. Each output is accumulated in float32 and rounded
+    to the layer's dtype once, as the bf16 kernel does, only in another order: not bit-identical to
+    ``F.linear`` in bf16, equal within its rounding. Same parameters and ``state_dict`` as ``nn.Linear``.
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "UpcastLinear":
+        """The same layer (sharing its parameters) with the upcasting forward."""
+        up = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        up.weight, up.bias = linear.weight, linear.bias
+        return up
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype in _PACK_DTYPES and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]:
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+
+def pack_linears(model: nn.Module, *, include=None) -> nn.Module:
+    """Give the bf16/fp16 CPU ``nn.Linear`` layers of ``model`` the fastest layout this CPU has (in place).
+
+    Where :func:`can_pack` is True they become :class:`PackedLinear` (oneDNN-prepacked, bit-identical);
+    elsewhere :class:`UpcastLinear` (float32 products for prefill-sized inputs). ``include(name, linear) ->
+    bool`` picks layers by dotted name (default: every such layer, the vision tower's too: Qwen2-VL-2B's
+    1024-patch image encode took 2.83 -> 2.53 s with its linears packed). float32 layers are left alone:
+    oneDNN's packed float32 product rounds differently from ``F.linear`` (MKL) and was not faster for one
+    row (docs/performance.md).
     """
     if include is None:
         include = lambda name, lin: True  # noqa: E731
@@ -193,8 +226,8 @@ def pack_linears(model: nn.Module, *, include=None) -> nn.Module:
                 if w.is_cpu and w.dtype in _PACK_DTYPES and include(name, child):
                     if w.dtype not in ok:
                         ok[w.dtype] = can_pack(w.dtype)
-                    if ok[w.dtype]:
-                        setattr(parent, child_name, PackedLinear(child))
+                    setattr(parent, child_name,
+                            PackedLinear(child) if ok[w.dtype] else UpcastLinear.from_linear(child))
             else:
                 visit(child, name + ".")
 
