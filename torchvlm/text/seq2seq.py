@@ -66,10 +66,11 @@ class Seq2SeqConfig:
     forced_eos_token_id: int | list[int] | None = 2
     model_type: str = "bart"
 
-    @property
-    def hidden_size(self) -> int:
-        """``d_model`` (the name the rest of the library reads)."""
-        return self.d_model
+    # the names the rest of the library reads (HF BartConfig's attribute_map: they describe the encoder)
+    hidden_size = property(lambda self: self.d_model, doc="``d_model``.")
+    num_hidden_layers = property(lambda self: self.encoder_layers, doc="``encoder_layers``.")
+    num_attention_heads = property(lambda self: self.encoder_attention_heads, doc="``encoder_attention_heads``.")
+    num_key_value_heads = property(lambda self: self.encoder_attention_heads, doc="No GQA: the attention heads.")
 
     @classmethod
     def from_hf(cls, cfg: Any, where: str = "config.json", prefix: str = "text_config") -> Seq2SeqConfig:

@@ -52,6 +52,12 @@ class DaViTConfig:
     projection_dim: int = 1024
     max_temporal_embeddings: int = 100
     max_position_embeddings: int = 50
+    model_type: str = "florence_vision"
+
+    # what `torchvlm info` reads of a vision tower
+    image_size = None  # any size the learned positions cover; the processor resizes (768 x 768 on the hub)
+    num_hidden_layers = property(lambda self: sum(self.depths), doc="Blocks over all stages.")
+    hidden_size = property(lambda self: self.embed_dim[-1], doc="Channels of the last stage.")
 
     @classmethod
     def from_hf(cls, cfg: Any, where: str = "config.json", prefix: str = "vision_config") -> DaViTConfig:
