@@ -263,3 +263,46 @@ def test_image_token_mismatch_freeze_and_text(florence):
         ours.unfreeze()
         ours.zero_grad(set_to_none=True)
         ours.requires_grad_(False)
+
+
+def test_with_the_processor_end_to_end(tmp_path):
+    """The real pipeline on a checkpoint with Florence-2's tokenizer layout: our Processor's batch into our model
+    gives HF's beam-search output (Florence-2's generation config), and run_task post-processes it as HF does."""
+    fixtures = pytest.importorskip("florence2_fixtures")
+    import numpy as np
+    from PIL import Image
+
+    import torchvlm
+    from torchvlm.api import run_task
+
+    tok = fixtures.make_florence2_tokenizer()
+    torch.manual_seed(1)
+    cfg = transformers.Florence2Config(
+        vision_config=transformers.Florence2VisionConfig(
+            depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1], patch_prenorm=[False, True],
+            embed_dim=[16, 32], num_heads=[2, 4], num_groups=[2, 4], window_size=3, projection_dim=32,
+        ),
+        text_config=transformers.BartConfig(
+            vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+            init_std=0.5,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+    )
+    hf = transformers.Florence2ForConditionalGeneration(cfg).eval()
+    vc.perturb(hf, std=0.3)
+    hf.generation_config.update(**FLORENCE_GEN)
+    hf.save_pretrained(tmp_path)
+    hf_proc = fixtures.save_florence2_processor(tmp_path, image_size=32, image_seq_length=17)  # 4x4 grid + 1
+    model, proc = torchvlm.load(tmp_path, dtype=torch.float32)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8))
+    ref_batch = dict(hf_proc(text="<OD>", images=img, return_tensors="pt"))
+    batch = proc(text="<OD>", images=[img])
+    assert torch.equal(batch["input_ids"], ref_batch["input_ids"])
+    with torch.no_grad():
+        ref = hf.generate(**ref_batch, max_new_tokens=12)
+    got = model.generate(**batch, max_new_tokens=12)  # beam search from generation_config.json
+    assert torch.equal(got, ref[:, 1:]), f"\nours: {got.tolist()}\nhf:   {ref.tolist()}"
+    text = hf_proc.batch_decode(ref, skip_special_tokens=False)[0]
+    expected = hf_proc.post_process_generation(text, task="<OD>", image_size=img.size)["<OD>"]
+    assert run_task(model, proc, "OD", img, max_new_tokens=12) == expected
