@@ -246,6 +246,20 @@ def test_missing_weight_names_key_and_file(florence, tmp_path):
         VLM.from_pretrained(tmp_path)
 
 
+def test_config_errors_name_the_field():
+    from torchvlm.errors import ConfigError
+    from torchvlm.models.florence2 import Florence2Model
+
+    with pytest.raises(ConfigError, match=r"vision_config\.model_type.*davit.*remote-code"):
+        Florence2Model.from_config({"vision_config": {"model_type": "davit"}}, "x/config.json")
+    with pytest.raises(ConfigError, match=r"x/config.json: field 'vision_config\.num_heads' must be a list of 4"):
+        Florence2Model.from_config({"vision_config": {"num_heads": [2, 4]}}, "x/config.json")
+    with pytest.raises(ConfigError, match=r"projection_dim.*d_model"):
+        with torch.device("meta"):
+            Florence2Model.from_config({"text_config": {"d_model": 64, "encoder_attention_heads": 4,
+                                                        "decoder_attention_heads": 4}}, "x/config.json")
+
+
 def test_image_token_mismatch_freeze_and_text(florence):
     _, ours, _ = florence
     batch = _case(ours, "single")

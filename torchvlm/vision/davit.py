@@ -64,6 +64,12 @@ class DaViTConfig:
         """Read an HF ``Florence2VisionConfig`` dict strictly (missing fields take HF's defaults); a bad field
         is a ConfigError naming ``where`` and ``prefix.<field>``."""
         r = ConfigReader(cfg, where, prefix, DAVIT_DEFAULTS)
+        kind = r.string("model_type", default="florence_vision")
+        if kind != "florence_vision":
+            hint = (" (the original remote-code Florence-2 layout; use a transformers-format checkpoint such as "
+                    "florence-community/Florence-2-base)") if kind == "davit" else ""
+            raise ConfigError(f"{where}: field '{r.path('model_type')}': vision model_type '{kind}' is not supported "
+                              f"(supported: florence_vision){hint}")
         depths = _int_list(r, "depths", min_value=0)
         n = len(depths)
         lists = {k: _int_list(r, k, n=n) for k in ("patch_size", "patch_stride", "embed_dim", "num_heads", "num_groups")}
