@@ -165,6 +165,8 @@ def test_generation_config_defaults_like_hf(florence, tmp_path):
     batch = _case(ours, "batch_right")
     ref = _hf_generate(hf2, batch, max_new_tokens=10)
     assert torch.equal(ours.generate(**batch, max_new_tokens=10), ref)
+    ours.save_pretrained(tmp_path / "saved")  # the decoding defaults travel with a save
+    assert VLM.from_pretrained(tmp_path / "saved").generation_defaults() == ours.generation_defaults()
     greedy = ours.generate(**batch, max_new_tokens=10, num_beams=1)  # keywords win over the defaults
     assert torch.equal(greedy, _hf_generate(hf2, batch, max_new_tokens=10, num_beams=1))
     with pytest.raises(GenerationError, match="stream"):

@@ -15,7 +15,9 @@ checkpoint's ``generation_config.json`` (beam search with 3 beams, no-repeat 3-g
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +122,15 @@ class Florence2Model(VLM):
             m = cls.weight_map
             model.weight_map = WeightMap(rename=m.rename, ignore=m.ignore + TIED_IGNORE, optional=m.optional)
         return model
+
+    def save_pretrained(self, out_dir, **kwargs) -> None:
+        """Write ``config.json`` and the weights in the transformers layout (:meth:`VLM.save_pretrained`), plus
+        the checkpoint's ``generation_config.json`` when it had one: Florence-2's default decoding (beam search,
+        no-repeat n-grams, forced tokens) lives there."""
+        super().save_pretrained(out_dir, **kwargs)
+        if self.generation_config:
+            path = Path(out_dir) / "generation_config.json"
+            path.write_text(json.dumps(self.generation_config, indent=2, sort_keys=True) + "\n")
 
     # ------------------------------------------------------------------------------------------ parts
     @property
