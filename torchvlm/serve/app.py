@@ -615,11 +615,17 @@ def create_app(model, processor, config: ServeConfig | None = None, *, engine: E
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
+    async def parse(request: Request, model_cls: type):
+        raw = await request.body()
+        if len(raw) <= 256 * 1024:
+            return _parse(raw, model_cls)
+        return await anyio.to_thread.run_sync(_parse, raw, model_cls)  # big bodies: keep the event loop free
+
     # -------------------------------------------------------------------------------------- routes
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         t0 = time.perf_counter()
-        req = _parse(await request.body(), ChatCompletionRequest)
+        req = await parse(request, ChatCompletionRequest)
         check_model(req.model)
         check_admission(req.n)
         prepared = await anyio.to_thread.run_sync(prepare_chat, req, limiter=state.prep_limiter)
@@ -628,7 +634,7 @@ def create_app(model, processor, config: ServeConfig | None = None, *, engine: E
     @app.post("/v1/completions")
     async def completions(request: Request):
         t0 = time.perf_counter()
-        req = _parse(await request.body(), CompletionRequest)
+        req = await parse(request, CompletionRequest)
         check_model(req.model)
         check_admission(req.n)
         prepared = await anyio.to_thread.run_sync(prepare_completion, req, limiter=state.prep_limiter)

@@ -204,11 +204,11 @@ class EngineWorker:
                 continue
             self.tokens += 1
             self._produced[out.request_id] += 1
-            self._deliver(sink, out)
-            if out.finished:
+            if out.finished:  # book-keeping first: once the last output is delivered the request is gone
                 reason = out.finish_reason or "stop"
                 self.finished[reason] = self.finished.get(reason, 0) + 1
                 self._finish(out.request_id, None)
+            self._deliver(sink, out)
 
     def _finish(self, rid: str, error: Exception | None) -> None:
         sink = self._sinks.pop(rid, None)
