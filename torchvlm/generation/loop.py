@@ -231,13 +231,17 @@ def stream_generate(
         model: a :class:`~torchvlm.models.base.VLM`.
         input_ids, attention_mask: ``[B, T]`` prompt (left-padded for B > 1), as a Processor returns them.
         params: :class:`SamplingParams`, or give its fields as keywords (``max_new_tokens=``, ``temperature=``,
-            ``top_k=``, ``top_p=``, ``min_p=``, ``repetition_penalty=``, ``seed=``, ``stop=``, ``stop_token_ids=``).
+            ``top_k=``, ``top_p=``, ``min_p=``, ``repetition_penalty=``, ``seed=``, ``stop=``, ``stop_token_ids=``,
+            ``no_repeat_ngram_size=``, ``forced_bos_token_id=``, ``forced_eos_token_id=``; ``num_beams=`` > 1 only
+            through :func:`generate`). Fields not given take the model's ``generation_defaults()`` where it has
+            them (Florence-2: its generation_config.json), else the :class:`SamplingParams` defaults.
         tokenizer: needed for stop strings and text deltas (a torchvlm Tokenizer).
         ignore_eos: do not stop on the model's EOS ids (stop_token_ids still apply).
         pad_id: id written for rows that have finished (default: the model's pad id, else 0).
         compile: run the decode steps through a ``torch.compile``-captured step
             (:mod:`torchvlm.generation.compiled`): same tokens, faster steps after a one-time compilation
-            per model and batch size (about a minute for SmolLM2-135M on 2 cores). Off by default.
+            per model and batch size (about a minute for SmolLM2-135M on 2 cores). Off by default; decoder-only
+            models only (ignored for encoder-decoders, as for decoders the compiled step does not support).
         **kwargs: model inputs besides ids/mask (``pixel_values``, ``token_type_ids``, ...).
     """
     params = _params(params, kwargs, model)
