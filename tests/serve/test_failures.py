@@ -1,0 +1,65 @@
+"""Server-side failures stay server-side: an unexpected exception is a generic 500 (its text only in the log),
+a failing engine step ends the requests it held with an error, and the server keeps serving."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi.testclient import TestClient
+
+from conftest import API_KEY, MODEL, chat_body
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+SECRET = "secret-internal-detail /opt/lib/thing.py line 12"
+
+
+class _BrokenProcessor:
+    """The real processor, except that a prompt containing 'boom' raises an unexpected exception."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, *args, **kwargs):
+        if "boom" in repr(kwargs.get("messages") or kwargs.get("text")):
+            raise RuntimeError(SECRET)
+        return self.inner(*args, **kwargs)
+
+
+def test_unexpected_exception_is_a_clean_500(served, caplog):
+    from torchvlm.serve import ServeConfig, create_app
+
+    model, processor = served
+    app = create_app(model, _BrokenProcessor(processor), ServeConfig(served_model_name=MODEL, api_key=API_KEY))
+    with TestClient(app, raise_server_exceptions=False) as c, caplog.at_level(logging.ERROR, "torchvlm.serve"):
+        r = c.post("/v1/chat/completions", json=chat_body(text="boom"), headers=AUTH)
+        assert r.status_code == 500
+        assert r.json() == {"error": {"message": "Internal server error.", "type": "server_error", "param": None,
+                                      "code": "internal_error"}}
+        assert SECRET not in r.text and "Traceback" not in r.text
+        assert SECRET in caplog.text  # the operator sees it
+        assert c.post("/v1/chat/completions", json=chat_body(), headers=AUTH).status_code == 200
+
+
+def test_engine_failure_ends_its_requests_and_the_server_recovers(make_app):
+    app = make_app()
+    state = app.state.server
+    real_step = state.engine.step
+    calls = {"n": 0}
+
+    def failing_step():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError(SECRET)
+        return real_step()
+
+    state.engine.step = failing_step
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/chat/completions", json=chat_body(), headers=AUTH)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error" and SECRET not in r.text
+        r = c.post("/v1/chat/completions", json=chat_body(stream=True), headers=AUTH)
+        assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+        assert c.get("/health").json() == {"status": "ok"}
+        assert state.worker.failures == 1 and state.worker.held == 0 and not state.engine.has_work()
