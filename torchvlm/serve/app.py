@@ -234,18 +234,24 @@ class _Gate:
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _format_validation(errors: list[dict]) -> tuple[str, str | None]:
-    e = max(errors, key=lambda err: len(err.get("loc", ())))  # a union's deepest branch says the most
+    # a union's deepest branch says the most; at equal depth, a constraint beats "wrong type"
+    e = max(errors, key=lambda err: (len(err.get("loc", ())), not str(err.get("type", "")).endswith("_type")))
     loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-    # drop pydantic's union / discriminator branch names ("str", "list[...]", "function-after[...]")
-    parts, param = [], None
+    # drop pydantic's union branch names ("str", "list[...]", "function-after[...]") and the discriminator tag
+    # that follows a list index ("text" / "image_url" in content[0].image_url.image_url)
+    parts: list[str] = []
+    prev_index = False
     for x in loc:
         if x.isdigit():
             parts.append(f"[{x}]")
-        elif "[" in x or x in ("str", "int", "float", "bool", "none", "list", "dict") or x in ("text", "image_url") \
-                and parts and parts[-1].startswith("["):
+            prev_index = True
             continue
-        else:
-            parts.append(("." if parts else "") + x)
+        if "[" in x or x.startswith("constrained-") or x in ("str", "int", "float", "bool", "none", "list", "dict") or (
+                prev_index and x in ("text", "image_url")):
+            prev_index = False
+            continue
+        parts.append(("." if parts else "") + x)
+        prev_index = False
     param = "".join(parts) or None
     msg = str(e.get("msg", "invalid value"))
     if msg.startswith("Value error, "):
@@ -255,15 +261,24 @@ def _format_validation(errors: list[dict]) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
-def _parse(raw: bytes, model: type) -> Any:
-    def _no_constants(name):
-        raise ValueError(name)
+class _NonFinite(ValueError):
+    pass
 
+
+def _no_constants(name: str):
+    raise _NonFinite(name)
+
+
+def _parse(raw: bytes, model: type) -> Any:
     try:
         data = json.loads(raw, parse_constant=_no_constants) if raw else None
-    except (ValueError, RecursionError):
-        raise ApiError(400, "The request body is not valid JSON (NaN and Infinity are not allowed).",
+    except _NonFinite:
+        raise ApiError(400, "The request body contains NaN or Infinity, which are not valid JSON numbers.",
                        code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "The request body is nested too deeply.", code="invalid_json") from None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise ApiError(400, "The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
     try:
