@@ -29,3 +29,7 @@ def test_smollm2_answers_paris():
         streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
             model="smollm2", messages=messages, max_tokens=24, temperature=0, stream=True) if c.choices)
         assert streamed == r.choices[0].message.content
+        # content as a list of text parts (what many clients send) reaches a text-only template as one string
+        parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}]
+        r2 = client.chat.completions.create(model="smollm2", messages=parts, max_tokens=24, temperature=0)
+        assert r2.choices[0].message.content == r.choices[0].message.content

@@ -449,6 +449,10 @@ def create_app(model, processor, config: ServeConfig | None = None, *, engine: E
             if isinstance(m.content, str):
                 messages.append({"role": role, "content": m.content})
                 continue
+            if not any(isinstance(part, ImagePart) for part in m.content):
+                # text parts only: one string (what text-only chat templates expect), joined as vLLM does
+                messages.append({"role": role, "content": "\n".join(part.text for part in m.content)})
+                continue
             parts = []
             for j, part in enumerate(m.content):
                 if isinstance(part, ImagePart):
