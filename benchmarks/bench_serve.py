@@ -11,6 +11,8 @@ streamed tokens): mean, median, p99; plus failures. Without ``--url`` it starts 
 a free loopback port (``--model`` DIR, or a random-weight checkpoint built with ``torchvlm.bench``'s
 ``--synthetic`` recipes: ``tiny-qwen2-vl`` by default) and stops it afterwards.
 
+Text-only models take no images: pass ``--image-ratio 0``.
+
 Output length: ``ignore_eos`` is sent (a vLLM extension torchvlm serve supports) so every request generates
 ``--max-tokens`` tokens, unless ``--no-ignore-eos``. Not a test: nothing is asserted. Needs ``httpx``.
 """
@@ -181,7 +183,7 @@ def _free_port() -> int:
 
 
 def start_server(model: str, port: int, api_key: str, name: str, max_batch_size: int, threads: int | None,
-                 dtype: str) -> subprocess.Popen:
+                 dtype: str, device: str = "cpu") -> subprocess.Popen:
     """``torchvlm serve`` in a subprocess on 127.0.0.1:``port``; returns once ``/health`` answers."""
     import httpx
 
@@ -189,7 +191,7 @@ def start_server(model: str, port: int, api_key: str, name: str, max_batch_size:
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "torchvlm.cli", "serve", "--model", model, "--port", str(port), "--api-key", api_key,
-           "--served-model-name", name, "--max-batch-size", str(max_batch_size), "--dtype", dtype,
+           "--served-model-name", name, "--max-batch-size", str(max_batch_size), "--dtype", dtype, "--device", device,
            "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env=env)
     deadline = time.monotonic() + 600
@@ -223,6 +225,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch-size", type=int, default=8, help="for the started server")
     p.add_argument("--server-threads", type=int, default=None, help="OMP_NUM_THREADS of the started server")
     p.add_argument("--dtype", default="auto", help="for the started server")
+    p.add_argument("--device", default="cpu", help="for the started server")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the summary here")
     ns = p.parse_args(argv)
@@ -239,7 +242,8 @@ def main(argv=None) -> int:
             api_key = api_key or "bench-" + base64.urlsafe_b64encode(os.urandom(12)).decode()
             port = _free_port()
             print(f"starting torchvlm serve --model {model} on 127.0.0.1:{port}", file=sys.stderr)
-            proc = start_server(model, port, api_key, ns.model_name, ns.max_batch_size, ns.server_threads, ns.dtype)
+            proc = start_server(model, port, api_key, ns.model_name, ns.max_batch_size, ns.server_threads, ns.dtype,
+                                ns.device)
             url = f"http://127.0.0.1:{port}"
         # one warm-up request (first-call overheads stay out of the figures)
         asyncio.run(run_load(url, ns.model_name, api_key, 1, 1, 4, ns.image_ratio > 0, ns.image_size, True, ns.seed))

@@ -355,6 +355,9 @@ def create_app(model, processor, config: ServeConfig | None = None, *, engine: E
     if engine is None:
         engine = Engine(model, processor.tokenizer, max_batch_size=config.max_batch_size,
                         max_len=config.max_model_len)
+    cache_bytes = sum(t.numel() * t.element_size() for t in list(engine.cache.k) + list(engine.cache.v))
+    log.info("engine: %d rows x %d tokens of KV cache (%.1f MB); queue %d", engine.max_batch_size, engine.max_len,
+             cache_bytes / 2**20, config.max_queue)
     state = ServerState(model=model, processor=processor, config=config, engine=engine,
                         worker=EngineWorker(engine, max_queue=config.max_queue), media=MediaPolicy(config),
                         prep_limiter=anyio.CapacityLimiter(4))
