@@ -22,7 +22,7 @@ import zlib
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import API_KEY, MODEL, chat_body, data_uri, png_bytes
+from serve_util import API_KEY, MODEL, chat_body, data_uri, png_bytes
 from torchvlm.serve.media import is_public_address, system_resolver
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from conftest import API_KEY, chat_body
+from serve_util import API_KEY, chat_body
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MAX_TOKENS = 1500

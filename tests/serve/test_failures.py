@@ -7,7 +7,7 @@ import logging
 
 from fastapi.testclient import TestClient
 
-from conftest import API_KEY, MODEL, chat_body
+from serve_util import API_KEY, MODEL, chat_body
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 SECRET = "secret-internal-detail /opt/lib/thing.py line 12"

@@ -10,7 +10,7 @@ import json
 import httpx
 from fastapi.testclient import TestClient
 
-from conftest import API_KEY, chat_body, data_uri, png_bytes
+from serve_util import API_KEY, chat_body, data_uri, png_bytes
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import API_KEY, MODEL, data_uri, png_bytes
+from serve_util import API_KEY, MODEL, data_uri, png_bytes
 
 openai = pytest.importorskip("openai")
 

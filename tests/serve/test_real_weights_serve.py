@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import LiveServer
+from serve_util import LiveServer
 
 openai = pytest.importorskip("openai")
 

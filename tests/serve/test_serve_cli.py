@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from conftest import chat_body
+from serve_util import chat_body
 from torchvlm.cli import build_parser, main
 from torchvlm.serve.cli import config_from_args
 

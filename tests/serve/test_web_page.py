@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import API_KEY, MODEL, data_uri, png_bytes
+from serve_util import API_KEY, MODEL, data_uri, png_bytes
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
