@@ -70,3 +70,12 @@ def test_serve_command(llava_dir):
         proc.terminate()
         proc.wait(30)
     assert proc.returncode == 0 or proc.returncode < 0
+
+
+def test_max_model_len_beyond_the_model_is_refused(served):
+    from torchvlm.errors import TorchVLMError
+    from torchvlm.serve import ServeConfig, create_app
+
+    model, processor = served
+    with pytest.raises(TorchVLMError, match="context length"):
+        create_app(model, processor, ServeConfig(max_model_len=model.text_config.max_position_embeddings + 1))

@@ -352,6 +352,10 @@ def create_app(model, processor, config: ServeConfig | None = None, *, engine: E
     stopped at shutdown. ``app.state.server`` is the :class:`ServerState`.
     """
     config = config or ServeConfig()
+    context = model.text_config.max_position_embeddings
+    if config.max_model_len is not None and not 0 < config.max_model_len <= context:
+        raise TorchVLMError(f"max_model_len {config.max_model_len} must be between 1 and the model's context length "
+                            f"({context} tokens)")
     if engine is None:
         engine = Engine(model, processor.tokenizer, max_batch_size=config.max_batch_size,
                         max_len=config.max_model_len)
