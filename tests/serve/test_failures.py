@@ -4,8 +4,12 @@ a failing engine step ends the requests it held with an error, and the server ke
 from __future__ import annotations
 
 import logging
+import time
 
 from fastapi.testclient import TestClient
+
+from torchvlm.generation.sampling import SamplingParams
+from torchvlm.serve.worker import WorkerStopped
 
 from serve_util import API_KEY, MODEL, chat_body
 
@@ -63,3 +67,23 @@ def test_engine_failure_ends_its_requests_and_the_server_recovers(make_app):
         assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
         assert c.get("/health").json() == {"status": "ok"}
         assert state.worker.failures == 1 and state.worker.held == 0 and not state.engine.has_work()
+
+
+def test_worker_stop_ends_running_requests(make_app):
+    app = make_app()
+    state = app.state.server
+    got = []
+    ids = state.processor(text="hello")["input_ids"][0]
+    state.worker.submit([dict(request_id="long", input_ids=ids, params=SamplingParams(max_new_tokens=200),
+                              ignore_eos=True)], got.append)
+    deadline = time.monotonic() + 60
+    while not got:  # wait until it is decoding
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    state.worker.stop()
+    assert isinstance(got[-1], WorkerStopped)
+    assert not state.worker.alive and state.worker.held == 0 and not state.engine.has_work()
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/chat/completions", json=chat_body(), headers=AUTH)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable"
+        assert c.get("/health").status_code == 503
