@@ -74,7 +74,7 @@ def test_worker_stop_ends_running_requests(make_app):
     state = app.state.server
     got = []
     ids = state.processor(text="hello")["input_ids"][0]
-    state.worker.submit([dict(request_id="long", input_ids=ids, params=SamplingParams(max_new_tokens=200),
+    state.worker.submit([dict(request_id="long", input_ids=ids, params=SamplingParams(max_new_tokens=1000),
                               ignore_eos=True)], got.append)
     deadline = time.monotonic() + 60
     while not got:  # wait until it is decoding
