@@ -38,7 +38,7 @@ from .collate import collate
 from .data import ConversationDataset
 from .lora import apply_lora, is_lora_param, load_adapter, merge_lora, quantize_4bit, require_train_extra, save_adapter
 
-__all__ = ["FinetuneConfig", "finetune", "merge_adapter", "parameter_parts", "enable_gradient_checkpointing",
+__all__ = ["FinetuneConfig", "Trainer", "finetune", "merge_adapter", "parameter_parts", "enable_gradient_checkpointing",
            "MODES", "LOG_FILE"]
 
 MODES = ("full", "projector", "lora", "qlora")
@@ -248,8 +248,9 @@ def merge_adapter(model_id: str, adapter_dir: str | os.PathLike, output: str | o
 
 
 # ---------------------------------------------------------------------------------------------- the run
-class _Run:
-    """State of one run (kept in one object so the loop reads top to bottom)."""
+class Trainer:
+    """One fine-tuning run: builds model, data, optimizer from a :class:`FinetuneConfig`; :meth:`run` trains
+    and saves. ``trainer.model`` is the (possibly LoRA-wrapped) model being trained."""
 
     def __init__(self, cfg: FinetuneConfig):
         from ..api import load_processor
@@ -460,7 +461,7 @@ class _Run:
             if self.val_data is not None and (end_of_epoch or done or (cfg.eval_every and self.step % cfg.eval_every == 0)):
                 last["val_loss"] = self.evaluate()
                 _log(self.log_path, {"type": "eval", "step": self.step, "epoch": self.epoch, "val_loss": last["val_loss"]})
-                bar.write(f"step {self.step}: val_loss {last['val_loss']:.4f}")
+                bar.write(f"step {self.step}: val_loss {last['val_loss']:.4f}", file=sys.stderr)
             if end_of_epoch or done or (cfg.save_every and self.step % cfg.save_every == 0):
                 self.save()
         bar.close()
@@ -490,4 +491,4 @@ def finetune(config: FinetuneConfig | None = None, **kwargs: Any) -> dict:
     the LoRA adapter + processor files; ``merge=True`` adds the merged checkpoint ``OUTPUT/merged``).
     Returns ``{"step", "final", "merged", "train_loss", "val_loss", "output"}``."""
     cfg = config if config is not None else FinetuneConfig(**kwargs)
-    return _Run(cfg).run()
+    return Trainer(cfg).run()
