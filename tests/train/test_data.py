@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from conftest import write_jsonl
 from PIL import Image
 

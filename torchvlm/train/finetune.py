@@ -274,8 +274,10 @@ class Trainer:
         lora = cfg.mode in ("lora", "qlora")
         if cfg.mode == "qlora":
             quantize_4bit(nn.Module(), [])  # fails early and clearly without CUDA / bitsandbytes
+            if self.device.type != "cuda":  # the 4-bit base lives on the GPU: so does everything else
+                self.device = torch.device("cuda")
         load_dtype = self.dtype if lora else torch.float32
-        model = VLM.from_pretrained(self.source, dtype=load_dtype, device=cfg.device, optimize=False)
+        model = VLM.from_pretrained(self.source, dtype=load_dtype, device=self.device, optimize=False)
         self.export_dtype = _export_dtype(model)
         parts = parameter_parts(model)
         self.wrapper = None
