@@ -162,3 +162,17 @@ def test_too_long_samples(processor, tmp_path):
     msg = _error(processor, tmp_path, [_ok(0), long_answer], max_length=10, truncate=True,
                  media_token_ids=(processor.image_token_id,))
     assert msg.startswith(f"{f}:1:") and "would cut an image" in msg
+
+
+def test_template_that_rewrites_earlier_turns_is_refused(llava_dir, tmp_path):
+    """A template that renders an assistant turn differently once later turns follow (as templates that strip
+    earlier reasoning do) cannot give exact labels: a loud tokenization mismatch naming the sample."""
+    d = shutil.copytree(llava_dir, tmp_path / "m")
+    (d / "chat_template.jinja").write_text(SPACED_TEMPLATE.replace(
+        "{{ message['content'] }}", "{{ message['content'] if loop.last or message['role'] != 'assistant' else '...' }}"))
+    proc = torchvlm.load_processor(d)
+    rows = [{"conversations": [{"from": "human", "value": "Q1"}, {"from": "gpt", "value": "Answer one."},
+                               {"from": "human", "value": "Q2"}, {"from": "gpt", "value": "Answer two."}]}]
+    msg = _error(proc, tmp_path, rows)
+    assert msg.startswith(f"{tmp_path / 'd.jsonl'}:1: tokenization mismatch") and "assistant turn 1" in msg
+    assert "does not render turns incrementally" in msg
