@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,19 +17,20 @@ from torchvlm.errors import ConfigError
 from torchvlm.train import FinetuneConfig, Trainer, latest_checkpoint
 from torchvlm.train import checkpoint as ckpt
 
-# runs `torchvlm ...` in a fresh interpreter; with KILL_AT_STEP=N the process SIGKILLs itself inside the N-th
-# optimizer step (no cleanup of any kind runs, exactly as `kill -9` from outside)
+# runs `torchvlm ...` in a fresh interpreter; with PAUSE_AT_STEP=N it stops inside the N-th optimizer step (after
+# that step's backward), touches PAUSE_MARKER and waits there, so the test can `kill -9` it at a known point
 WRAPPER = """
-import os, signal, sys
+import os, sys, time
 import torch
 torch.set_num_threads(1)
-kill_at = int(os.environ.get("KILL_AT_STEP", "0"))
-if kill_at:
+pause_at = int(os.environ.get("PAUSE_AT_STEP", "0"))
+if pause_at:
     real, calls = torch.optim.AdamW.step, [0]
     def step(self, *args, **kwargs):
         calls[0] += 1
-        if calls[0] == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if calls[0] == pause_at:
+            open(os.environ["PAUSE_MARKER"], "w").close()
+            time.sleep(600)
         return real(self, *args, **kwargs)
     torch.optim.AdamW.step = step
 from torchvlm.cli import main
@@ -67,13 +70,24 @@ def reference(llava_dir, colour_data, tmp_path_factory):
 
 def test_kill_9_then_resume_auto_reproduces_the_run(llava_dir, colour_data, reference, tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "KILL_AT_STEP": "5"}
+    marker = tmp_path / "paused"
+    env = {**os.environ, "PAUSE_AT_STEP": "5", "PAUSE_MARKER": str(marker)}
     cmd = [sys.executable, "-c", WRAPPER, *_cli_args(llava_dir, colour_data, out)]
-    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert killed.returncode == -9, killed.stderr[-2000:]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), proc.stderr.read()[-2000:] if proc.poll() is not None else "timed out"
+        os.kill(proc.pid, signal.SIGKILL)  # kill -9 in the middle of step 5
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
     assert [r["step"] for r in _records(out)] == [1, 2, 3, 4]  # it died inside step 5
     assert latest_checkpoint(out).name == "checkpoint-00000003"
-    env.pop("KILL_AT_STEP")
+    env.pop("PAUSE_AT_STEP")
     resumed = subprocess.run(cmd + ["--resume", "auto"], env=env, capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     got, want = _records(out), _records(reference)
