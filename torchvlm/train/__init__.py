@@ -4,11 +4,11 @@ checkpoints, adapter merging (docs/finetuning.md). Needs the ``train`` extra (``
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .collate import collate
 from .data import ConversationDataset, DataError, Sample, read_samples
-from .finetune import FinetuneConfig, finetune, merge_adapter, parameter_parts
+from .finetune import FinetuneConfig, Trainer, finetune, merge_adapter, parameter_parts
 from .lora import apply_lora, load_adapter, merge_lora, save_adapter
 
 __all__ = [
-    "ConversationDataset", "DataError", "FinetuneConfig", "Sample", "apply_lora", "collate", "finetune",
+    "ConversationDataset", "DataError", "FinetuneConfig", "Sample", "Trainer", "apply_lora", "collate", "finetune",
     "latest_checkpoint", "load_adapter", "load_checkpoint", "merge_adapter", "merge_lora", "parameter_parts",
     "read_samples", "save_adapter", "save_checkpoint",
 ]

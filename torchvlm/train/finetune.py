@@ -431,10 +431,7 @@ class Trainer:
         cfg = self.cfg
         resumed = self.resume()
         (self.out / "finetune_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        if self.step >= self.total_steps:
-            done = True
-        else:
-            done = False
+        done = self.step >= self.total_steps  # resuming a finished run only writes the result again
         _log(self.log_path, {"type": "start", "step": self.step, "resumed_from": str(resumed) if resumed else None,
                              "mode": cfg.mode, "trainable_parameters": sum(p.numel() for p in self.trainable.values()),
                              "train_samples": len(self.train_data), "total_steps": self.total_steps,
