@@ -6,12 +6,7 @@ import json
 
 import pytest
 from PIL import Image
-
-COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
-
-
-def write_jsonl(path, rows) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+from train_util import COLOURS, write_jsonl
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from conftest import write_jsonl
+from train_util import write_jsonl
 from PIL import Image
 
 import torchvlm
