@@ -310,3 +310,30 @@ def test_checkpoint_without_location_tokens_is_refused():
     tok = Tokenizer(backend, {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"})
     with pytest.raises(ConfigError, match="'<loc_0>' is not in the vocabulary"):
         Florence2Processor(tok)
+
+
+def test_hub_image_processor_config():
+    """The released checkpoints' image processor config (768 x 768, no crop, ImageNet mean/std) as HF reads it."""
+    from transformers import CLIPImageProcessorPil
+
+    from torchvlm.processing.image_processors import image_processor_from_dict
+
+    config = {"crop_size": {"height": 768, "width": 768}, "do_center_crop": False, "do_convert_rgb": None,
+              "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.485, 0.456, 0.406],
+              "image_processor_type": "CLIPImageProcessor", "image_seq_length": 577,
+              "image_std": [0.229, 0.224, 0.225], "resample": 3, "rescale_factor": 0.00392156862745098,
+              "size": {"height": 768, "width": 768}}
+    ours = image_processor_from_dict(config)
+    hf = CLIPImageProcessorPil(**{k: v for k, v in config.items() if k not in ("image_processor_type",
+                                                                             "image_seq_length")})
+    from torchvlm.processing.image import to_rgb
+
+    for im in (make_image(480, 640), make_image(47, 33, "L"), make_image(64, 40, "RGBA")):
+        # "do_convert_rgb": null switches HF's RGB conversion off (grey / RGBA inputs then fail there);
+        # torchvlm always converts, which is HF's result on the converted image
+        want = hf(images=[to_rgb(im)], return_tensors="pt")["pixel_values"]
+        got = ours([im])["pixel_values"]
+        assert got.shape == want.shape == (1, 3, 768, 768)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError):
+        hf(images=[make_image(47, 33, "L")], return_tensors="pt")
