@@ -35,8 +35,12 @@ FAKE_DNS = {
     "rebind.test": [PUBLIC_IP, "127.0.0.1"],
     "cgnat.test": ["100.64.0.7"],
     "mapped.test": ["::ffff:10.1.2.3"],
+    "nat64.test": ["64:ff9b::7f00:1"],
+    "sixtofour.test": ["2002:a00:1::1"],
+    "teredo.test": ["2001:0:4136:e378:8000:63bf:3fff:fdd2"],
 }
-ALLOWED = ("images.test", "internal.test", "meta.test", "rebind.test", "cgnat.test", "mapped.test",
+ALLOWED = ("images.test", "internal.test", "meta.test", "rebind.test", "cgnat.test", "mapped.test", "nat64.test",
+           "sixtofour.test", "teredo.test",
            "127.0.0.1", "localhost", "[::1]", "169.254.169.254", "10.0.0.1", "172.16.0.1", "192.168.1.1",
            "2130706433", "0x7f000001", "0177.0.0.1", "::ffff:127.0.0.1", "0.0.0.0", "224.0.0.1")
 FORBIDDEN_TEXT = ("Traceback", 'File "', "PIL", "pydantic", "Errno", "object at 0x", "http.client", "socket",
@@ -258,6 +262,9 @@ CASES = [
     ("domain-not-allowed", _img("http://evil.test/img.png", "open"), 400, "media_domain_not_allowed"),
     ("allowed-suffix-trick", _img("http://images.test.evil.test/img.png", "open"), 400, "media_domain_not_allowed"),
     ("credentials-in-url", _img("http://user:pw@images.test/img.png", "open"), 400, "invalid_image_url"),
+    ("allowed-name-as-userinfo", _img("http://images.test@127.0.0.1:{port}/img.png", "open"), 400,
+     "invalid_image_url"),
+    ("backslash-in-host", _img("http://evil.test\\.images.test/img.png", "open"), 400, "invalid_image_url"),
     # --- remote URLs: addresses (allow-listed, refused by the address check)
     ("ssrf-127.0.0.1", _img("http://127.0.0.1:{port}/img.png", "open"), 400, "media_address_forbidden"),
     ("ssrf-localhost", _img("http://localhost:{port}/img.png", "open"), 400, "media_address_forbidden"),
@@ -278,6 +285,9 @@ CASES = [
     ("ssrf-dns-one-private-answer", _img("http://rebind.test/img.png", "open"), 400, "media_address_forbidden"),
     ("ssrf-dns-cgnat", _img("http://cgnat.test/img.png", "open"), 400, "media_address_forbidden"),
     ("ssrf-dns-mapped-private", _img("http://mapped.test/img.png", "open"), 400, "media_address_forbidden"),
+    ("ssrf-dns-nat64-loopback", _img("http://nat64.test/img.png", "open"), 400, "media_address_forbidden"),
+    ("ssrf-dns-6to4-private", _img("http://sixtofour.test/img.png", "open"), 400, "media_address_forbidden"),
+    ("ssrf-dns-teredo", _img("http://teredo.test/img.png", "open"), 400, "media_address_forbidden"),
     # --- redirects from the allowed host
     ("redirect-to-loopback", _img("http://images.test/to-loopback", "open"), 400, "media_address_forbidden"),
     ("redirect-to-private-dns", _img("http://images.test/to-internal", "open"), 400, "media_address_forbidden"),
@@ -374,7 +384,8 @@ def test_allowed_sources_still_work(clients):
     """The refusals above are not blanket failures: an allowed host, a redirect between allowed hosts and a
     file under the media root load fine."""
     c = clients["open"]
-    for url in ("http://images.test/img.png", "http://images.test/to-img", f"file://{clients['media']}/good.png"):
+    for url in ("http://images.test/img.png", "http://IMAGES.TEST./img.png", "http://images.test/to-img",
+                f"file://{clients['media']}/good.png"):
         r = c.post("/v1/chat/completions", json=chat_body(images=[url]), headers=AUTH)
         assert r.status_code == 200, (url, r.text)
 

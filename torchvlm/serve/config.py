@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 __all__ = ["ServeConfig"]
 
@@ -37,6 +37,9 @@ class ServeConfig:
         resolver: ``(host, port) -> [ip, ...]``; default: the system resolver. Tests inject a fake DNS.
         dial: ``(ip, port, timeout) -> socket``; default: ``socket.create_connection``. Tests route a fake
             public address to a local test server; the address checks still run on the resolved ip.
+        tls_context: the :class:`ssl.SSLContext` https image downloads verify certificates with; default:
+            ``ssl.create_default_context()`` (system CAs, host name checked). Tests inject one trusting a
+            test CA.
     """
 
     served_model_name: str = "model"
@@ -58,3 +61,4 @@ class ServeConfig:
     max_n: int = 8
     resolver: Callable | None = field(default=None, repr=False)
     dial: Callable | None = field(default=None, repr=False)
+    tls_context: Any = field(default=None, repr=False)

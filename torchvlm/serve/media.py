@@ -30,6 +30,7 @@ import os
 import re
 import socket
 import ssl
+import stat
 import time
 from collections.abc import Callable
 from urllib.parse import unquote, urljoin, urlsplit
@@ -40,7 +41,7 @@ from ..errors import ImageError, TorchVLMError
 from ..processing.image import load_image
 from .config import ServeConfig
 
-__all__ = ["MediaError", "MediaPolicy", "is_public_address", "system_resolver"]
+__all__ = ["MediaError", "MediaPolicy", "is_public_address", "normalize_host", "system_resolver"]
 
 log = logging.getLogger("torchvlm.serve.media")
 
@@ -52,7 +53,10 @@ _DATA_URI_RE = re.compile(r"^data:(?P<mime>[A-Za-z0-9.+\-]+/[A-Za-z0-9.+\-]+)?(?
 _B64_CHARS = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
 _REDIRECTS = (301, 302, 303, 307, 308)
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+#: public addresses that are still a host's private services: Azure's WireServer / metadata relay
+_DENIED = (ipaddress.ip_network("168.63.129.16/32"),)
 _CHUNK = 64 * 1024
+_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 
 
 class MediaError(TorchVLMError, ValueError):
@@ -89,8 +93,81 @@ def is_public_address(ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -
         if embedded is not None:
             return is_public_address(embedded)
     bad = (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_multicast or addr.is_reserved
-           or addr.is_unspecified or getattr(addr, "is_site_local", False))
+           or addr.is_unspecified or getattr(addr, "is_site_local", False) or any(addr in n for n in _DENIED))
     return addr.is_global and not bad
+
+
+def normalize_host(host: str) -> str | None:
+    """The one spelling of a URL host that the allow-list, the resolver, the ``Host`` header and TLS SNI all
+    use: lower case, without the trailing dot, IDNA (punycode) for non-ASCII names, IP literals in their
+    canonical form. ``None`` for anything that is not a plain DNS name or IP literal (empty labels, spaces,
+    backslashes, ``%``, ...), so a host cannot look allowed to the string match and mean something else to
+    the resolver."""
+    host = host.strip().lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.endswith("."):
+        host = host[:-1]
+    if not host:
+        return None
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    try:
+        name = host.encode("idna").decode("ascii").lower()
+    except (UnicodeError, ValueError):
+        return None
+    if len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
+        return None
+    return name
+
+
+class _DeadlineReader(io.RawIOBase):
+    def __init__(self, sock: "_DeadlineSocket"):
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        return self._sock.recv_into(b)
+
+
+class _DeadlineSocket:
+    """A connected socket whose every send and receive is bounded by the fetch's overall deadline: the
+    timeout is set to the time left before each call, so a server trickling one byte at a time (headers or
+    body) cannot hold the fetch past ``media_fetch_timeout``. Only what :mod:`http.client` uses."""
+
+    def __init__(self, sock: socket.socket, remaining: Callable[[], float]):
+        self._sock, self._remaining = sock, remaining
+
+    def sendall(self, data) -> None:
+        self._sock.settimeout(self._remaining())
+        self._sock.sendall(data)
+
+    def recv_into(self, buffer) -> int:
+        self._sock.settimeout(self._remaining())
+        return self._sock.recv_into(buffer)
+
+    def makefile(self, mode: str = "rb", *args, **kwargs):
+        if mode != "rb":
+            raise ValueError("only binary reads")
+        return io.BufferedReader(_DeadlineReader(self))
+
+    def close(self) -> None:
+        pass  # http.client closes the connection while its response still reads (HTTP/1.0, Connection: close);
+        # like socket.makefile's reference count, the real socket stays open: MediaPolicy._get closes it
+
+
+def _allow_entry(entry: str) -> str:
+    entry = entry.strip()
+    wildcard = entry.startswith("*.")
+    host = normalize_host(entry[2:] if wildcard else entry)
+    if host is None or (wildcard and ":" in host):
+        raise TorchVLMError(f"allowed media domain {entry[:100]!r} is not a host name (example.com, "
+                            "*.example.com) or an IP address")
+    return "*." + host if wildcard else host
 
 
 class MediaPolicy:
@@ -101,7 +178,8 @@ class MediaPolicy:
         self.config = config
         self.resolver: Callable[[str, int], list[str]] = config.resolver or system_resolver
         self.dial: Callable[[str, int, float], socket.socket] = config.dial or _dial
-        self.domains = tuple(d.strip().strip("[]").lower().rstrip(".") for d in config.allowed_media_domains if d.strip())
+        self.domains = tuple(_allow_entry(d) for d in config.allowed_media_domains if d.strip())
+        self.tls = config.tls_context or ssl.create_default_context()
         root = config.allowed_local_media_path
         self.local_root = os.path.realpath(root) if root else None
 
@@ -194,16 +272,24 @@ class MediaPolicy:
             raise MediaError("the file is outside the allowed media path", code="local_media_not_allowed")
         if not os.path.isfile(real):
             raise MediaError("the file does not exist under the allowed media path")
+        try:  # no symlink at the last step and nothing but a regular file, even if swapped since the check
+            fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            raise MediaError("the file cannot be read") from None
         try:
-            with open(real, "rb") as f:
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise MediaError("the file cannot be read")
                 data = f.read(self.config.max_image_bytes + 1)
         except OSError:
             raise MediaError("the file cannot be read") from None
         return data
 
     def host_allowed(self, host: str) -> bool:
-        """Whether ``host`` (lower case) is on the allow-list."""
-        host = host.lower().rstrip(".")
+        """Whether ``host`` is on the allow-list (both compared in their :func:`normalize_host` form)."""
+        host = normalize_host(host)
+        if host is None:
+            return False
         for d in self.domains:
             if d.startswith("*."):
                 if host.endswith(d[1:]) and len(host) > len(d) - 1:
@@ -239,13 +325,15 @@ class MediaPolicy:
                 raise MediaError("an image URL redirected to a non-http(s) URL", code="invalid_image_url")
             if parts.username is not None or parts.password is not None:
                 raise MediaError("image URLs must not carry credentials", code="invalid_image_url")
-            host = parts.hostname
             try:
                 port = parts.port or (443 if scheme == "https" else 80)
             except ValueError:
                 raise MediaError("the image URL has an invalid port", code="invalid_image_url") from None
-            if not host:
+            if not parts.hostname:
                 raise MediaError("the image URL has no host", code="invalid_image_url")
+            host = normalize_host(parts.hostname)
+            if host is None:
+                raise MediaError("the image URL host is not a valid host name", code="invalid_image_url")
             if not self.host_allowed(host):
                 raise MediaError(f"the image URL host '{host[:100]}' is not in the allowed media domains",
                                  code="media_domain_not_allowed")
@@ -272,16 +360,16 @@ class MediaPolicy:
                 raise MediaError("fetching the image URL timed out", code="media_fetch_failed")
             return left
 
-        conn = None
+        conn = raw = None
         try:
-            sock = self.dial(ip, port, remaining())
-            if scheme == "https":
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            raw = self.dial(ip, port, remaining())
+            if scheme == "https":  # the certificate is verified for the name, on the checked address
+                raw.settimeout(remaining())
+                raw = self.tls.wrap_socket(raw, server_hostname=host)
             conn = http.client.HTTPConnection(host, port, timeout=remaining())
-            conn.sock = sock  # connected to the checked address; Host header and SNI carry the name
+            conn.sock = _DeadlineSocket(raw, remaining)  # connected to the checked address; Host carries the name
             conn.request("GET", target, headers={"User-Agent": "torchvlm-serve", "Accept": "image/*",
                                                  "Accept-Encoding": "identity"})
-            sock.settimeout(remaining())
             resp = conn.getresponse()
             if resp.status in _REDIRECTS:
                 return resp.status, resp.getheader("Location"), b""
@@ -292,8 +380,7 @@ class MediaPolicy:
                 raise MediaError(f"the image is larger than {cap} bytes", code="image_too_large")
             chunks, total = [], 0
             while True:
-                remaining()  # the overall deadline; each read is bounded by the socket timeout
-                chunk = resp.read(_CHUNK)
+                chunk = resp.read(_CHUNK)  # every receive under it is bounded by the overall deadline
                 if not chunk:
                     break
                 total += len(chunk)
@@ -303,9 +390,13 @@ class MediaPolicy:
             return 200, None, b"".join(chunks)
         except MediaError:
             raise
+        except TimeoutError:  # socket.timeout: the last receive ran into the deadline
+            raise MediaError("fetching the image URL timed out", code="media_fetch_failed") from None
         except (OSError, http.client.HTTPException, ValueError):
             log.info("image fetch from %s (%s) failed", host, ip, exc_info=True)
             raise MediaError("fetching the image URL failed", code="media_fetch_failed") from None
         finally:
             if conn is not None:
                 conn.close()
+            if raw is not None:
+                raw.close()
