@@ -43,6 +43,7 @@ _ACTIVATIONS: dict[str, tuple[type[nn.Module], dict]] = {
     "silu": (nn.SiLU, {}),
     "swish": (nn.SiLU, {}),
     "relu": (nn.ReLU, {}),
+    "linear": (nn.Identity, {}),  # HF ACT2FN "linear": no activation (a LLaVA-layout linear connector)
 }
 
 SUPPORTED_ACTIVATIONS: tuple[str, ...] = tuple(sorted(_ACTIVATIONS))
@@ -54,7 +55,7 @@ def get_activation(name: str, where: str | None = None) -> nn.Module:
     ``where`` names the config field the name came from (e.g. ``"vision_config.hidden_act"``) for the error.
 
     Supported: ``gelu`` (exact), ``gelu_new`` / ``gelu_pytorch_tanh`` / ``gelu_fast`` (tanh approximation),
-    ``quick_gelu``, ``silu`` / ``swish``, ``relu``.
+    ``quick_gelu``, ``silu`` / ``swish``, ``relu``, ``linear`` (identity).
     """
     entry = _ACTIVATIONS.get(name) if isinstance(name, str) else None
     if entry is None:
