@@ -1,19 +1,30 @@
-"""``torchvlm finetune`` and ``torchvlm merge-lora`` (the parsers live here; :mod:`torchvlm.cli` adds them)."""
+"""``torchvlm finetune``, ``torchvlm merge-lora`` and ``torchvlm build`` (the parsers live here; :mod:`torchvlm.cli`
+adds them)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-__all__ = ["add_train_parsers", "cmd_finetune", "cmd_merge_lora"]
+__all__ = ["add_train_parsers", "cmd_build", "cmd_finetune", "cmd_merge_lora"]
 
 
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _layers(value: str) -> int | list[int]:
+    try:
+        layers = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a layer index or a comma-separated list of them, got '{value}'")
+    if not layers:
+        raise argparse.ArgumentTypeError("expected a layer index or a comma-separated list of them")
+    return layers[0] if len(layers) == 1 else layers
+
+
 def add_train_parsers(sub) -> None:
-    """Add ``finetune`` and ``merge-lora`` to the ``torchvlm`` sub-command parser ``sub``."""
+    """Add ``finetune``, ``merge-lora`` and ``build`` to the ``torchvlm`` sub-command parser ``sub``."""
     f = sub.add_parser("finetune", help="fine-tune a model on conversation data (docs/finetuning.md)")
     f.add_argument("--model", "-m", required=True, help="base model: local directory or hub id")
     f.add_argument("--data", required=True, help="training data: JSONL or JSON list of conversations")
@@ -63,6 +74,25 @@ def add_train_parsers(sub) -> None:
     m.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: the base checkpoint's)")
     m.set_defaults(func=cmd_merge_lora)
 
+    b = sub.add_parser("build", help="assemble a new VLM from a vision encoder and a text LM, LLaVA style "
+                                     "(docs/build-your-own-vlm.md)")
+    b.add_argument("--vision", required=True, help="vision encoder: CLIP / SigLIP checkpoint directory or hub id")
+    b.add_argument("--language", required=True, help="decoder-only text LM (Llama, Qwen2, Gemma, ...) with tokenizer")
+    b.add_argument("--output", "-o", required=True, help="directory to write (must be empty unless --overwrite)")
+    b.add_argument("--connector", default="mlp2x_gelu", help="mlp2x_gelu (LLaVA-1.5) or linear (LLaVA-1)")
+    b.add_argument("--image-token", default="<image>", help="image placeholder token (added to the tokenizer if missing)")
+    b.add_argument("--vision-feature-layer", type=_layers, default=-2,
+                   help="vision hidden state fed to the connector (-2: penultimate); a comma list concatenates")
+    b.add_argument("--vision-feature-select-strategy", choices=("default", "full"), default="default",
+                   help="default: drop CLIP's CLS feature; full: keep every token")
+    b.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="jinja chat template file (default: the LM tokenizer's)")
+    b.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: the LM checkpoint's)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the connector's random initialisation")
+    b.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --output")
+    b.add_argument("--revision", default=None, help="hub revision (for hub ids)")
+    b.set_defaults(func=cmd_build)
+
 
 def cmd_finetune(ns: argparse.Namespace) -> int:
     """Run ``torchvlm finetune``; prints the result as JSON."""
@@ -79,4 +109,25 @@ def cmd_merge_lora(ns: argparse.Namespace) -> int:
     from .finetune import merge_adapter
 
     print(merge_adapter(ns.model, ns.adapter, ns.output, dtype=ns.dtype))
+    return 0
+
+
+def cmd_build(ns: argparse.Namespace) -> int:
+    """Run ``torchvlm build``; prints the output directory."""
+    from pathlib import Path
+
+    from ..errors import ConfigError
+    from .build import build_vlm
+
+    template = None
+    if ns.chat_template is not None:
+        path = Path(ns.chat_template)
+        if not path.is_file():
+            raise ConfigError(f"--chat-template: '{path}' is not a file (give a jinja chat template file)")
+        template = path.read_text(encoding="utf-8")
+    out = build_vlm(ns.vision, ns.language, ns.output, connector=ns.connector, image_token=ns.image_token,
+                    vision_feature_layer=ns.vision_feature_layer,
+                    vision_feature_select_strategy=ns.vision_feature_select_strategy, chat_template=template,
+                    dtype=ns.dtype, seed=ns.seed, overwrite=ns.overwrite, revision=ns.revision)
+    print(out)
     return 0
