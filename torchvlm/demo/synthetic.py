@@ -1,0 +1,222 @@
+"""A deterministic synthetic visual question answering dataset: coloured shapes, counts, positions and short
+words drawn on small images, with questions whose answers are one exact word.
+
+A :class:`Scene` holds 1-4 shapes (``circle`` / ``square`` / ``triangle``), each with a colour from
+:data:`COLOURS` and a distinct slot from :data:`POSITIONS` (``left``, ``right``, ``top``, ``bottom``,
+``centre``), and sometimes a word from :data:`WORDS` written in the top-left corner with Pillow's bitmap font.
+No two shapes share both shape and colour. :func:`questions` lists every unambiguous question of a scene
+and its answer, derived from the scene spec:
+
+==========  ====================================  ==========
+type        question                              answer
+==========  ====================================  ==========
+colour      What colour is the circle?            red
+count       How many shapes are there?            3
+position    Where is the blue square?             left
+shape       What shape is green?                  triangle
+word        What word is written?                 cat
+==========  ====================================  ==========
+
+Everything is seeded (:class:`random.Random`), so the same seed gives the same scenes, pixels and
+questions on every machine. :func:`write_split` writes a LLaVA-style JSONL file plus PNG images that
+``torchvlm finetune`` reads; :func:`eval_questions` gives single-question held-out items.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["COLOURS", "SHAPES", "POSITIONS", "WORDS", "QUESTION_TYPES", "IMAGE_SIZE", "Shape", "Scene",
+           "random_scene", "render", "questions", "question_for", "write_split", "eval_questions",
+           "normalize_answer"]
+
+IMAGE_SIZE = 128
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (235, 200, 20),
+    "purple": (140, 50, 180),
+    "orange": (245, 130, 20),
+}
+#: slot centres as fractions of the image side (x, y)
+POSITIONS = {
+    "left": (0.17, 0.5),
+    "right": (0.83, 0.5),
+    "top": (0.5, 0.17),
+    "bottom": (0.5, 0.83),
+    "centre": (0.5, 0.5),
+}
+WORDS = ("cat", "dog", "sun", "box", "hat", "cup", "key", "fox")
+QUESTION_TYPES = ("colour", "count", "position", "shape", "word")
+#: chance that a scene carries a word
+WORD_PROBABILITY = 0.5
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One shape of a scene: kind, colour name, slot name, half size in pixels (at :data:`IMAGE_SIZE`)."""
+
+    kind: str
+    colour: str
+    position: str
+    half: int
+
+
+@dataclass
+class Scene:
+    """What an image shows: its shapes, an optional word (drawn at ``word_xy``) and a background grey level."""
+
+    shapes: list[Shape]
+    word: str | None = None
+    word_xy: tuple[int, int] = (4, 4)
+    background: int = 255
+    jitter: list[tuple[int, int]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """A JSON-able description (stored next to each sample, so answers can be re-derived)."""
+        return {"shapes": [vars(s) for s in self.shapes], "word": self.word, "word_xy": list(self.word_xy),
+                "background": self.background, "jitter": [list(j) for j in self.jitter]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Scene":
+        """Inverse of :meth:`to_dict`."""
+        return cls([Shape(**s) for s in d["shapes"]], d["word"], tuple(d["word_xy"]), d["background"],
+                   [tuple(j) for j in d["jitter"]])
+
+
+def random_scene(rng: random.Random, *, n_shapes: int | None = None, word: bool | None = None) -> Scene:
+    """Draw a scene: 1-4 shapes in distinct slots with distinct (kind, colour) pairs; a word half the time."""
+    n = n_shapes if n_shapes is not None else rng.randint(1, 4)
+    slots = rng.sample(list(POSITIONS), n)
+    pairs = rng.sample([(k, c) for k in SHAPES for c in COLOURS], n)
+    shapes = [Shape(k, c, p, rng.randint(10, 13)) for (k, c), p in zip(pairs, slots)]
+    jitter = [(rng.randint(-3, 3), rng.randint(-3, 3)) for _ in shapes]
+    has_word = (rng.random() < WORD_PROBABILITY) if word is None else word
+    w = rng.choice(WORDS) if has_word else None
+    xy = (rng.randint(2, 8), rng.randint(2, 8))
+    bg = rng.randint(235, 255)
+    return Scene(shapes, w, xy, bg, jitter)
+
+
+_FONT = None
+
+
+def _font():
+    global _FONT
+    if _FONT is None:
+        _FONT = ImageFont.load_default_imagefont()  # the bitmap font: identical pixels on every machine
+    return _FONT
+
+
+def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """Draw ``scene`` as an RGB image of ``size`` x ``size`` pixels (no anti-aliasing: exact, portable)."""
+    s = size / IMAGE_SIZE
+    img = Image.new("RGB", (size, size), (scene.background,) * 3)
+    draw = ImageDraw.Draw(img)
+    for shape, (jx, jy) in zip(scene.shapes, scene.jitter or [(0, 0)] * len(scene.shapes)):
+        fx, fy = POSITIONS[shape.position]
+        cx, cy, h = fx * size + jx * s, fy * size + jy * s, shape.half * s
+        colour = COLOURS[shape.colour]
+        if shape.kind == "circle":
+            draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=colour)
+        elif shape.kind == "square":
+            draw.rectangle([cx - h * 0.9, cy - h * 0.9, cx + h * 0.9, cy + h * 0.9], fill=colour)
+        else:
+            draw.polygon([(cx, cy - h), (cx - h * 1.1, cy + h * 0.9), (cx + h * 1.1, cy + h * 0.9)], fill=colour)
+    if scene.word:
+        # the 11 px bitmap font drawn at 2x (nearest neighbour) so a patch sees about one letter
+        font = _font()
+        l, t, r, b = font.getbbox(scene.word)
+        mask = Image.new("L", (r, b), 0)
+        ImageDraw.Draw(mask).text((0, 0), scene.word, fill=255, font=font)
+        scale = max(1, round(2 * s))
+        mask = mask.resize((r * scale, b * scale), Image.NEAREST)
+        x, y = round(scene.word_xy[0] * s), round(scene.word_xy[1] * s)
+        img.paste((20, 20, 20), (x, y, x + mask.width, y + mask.height), mask)
+    return img
+
+
+def questions(scene: Scene) -> list[tuple[str, str, str]]:
+    """Every unambiguous ``(type, question, answer)`` of a scene, answers derived from the spec."""
+    out = [("count", "How many shapes are there?", str(len(scene.shapes)))]
+    kinds = [s.kind for s in scene.shapes]
+    colours = [s.colour for s in scene.shapes]
+    for s in scene.shapes:
+        if kinds.count(s.kind) == 1:
+            out.append(("colour", f"What colour is the {s.kind}?", s.colour))
+        out.append(("position", f"Where is the {s.colour} {s.kind}?", s.position))
+        if colours.count(s.colour) == 1:
+            out.append(("shape", f"What shape is {s.colour}?", s.kind))
+    if scene.word:
+        out.append(("word", "What word is written?", scene.word))
+    return out
+
+
+def question_for(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str] | None:
+    """One random ``(question, answer)`` of type ``qtype`` for ``scene``, or None when it has none."""
+    options = [(q, a) for t, q, a in questions(scene) if t == qtype]
+    return rng.choice(options) if options else None
+
+
+def normalize_answer(text: str) -> str:
+    """What exact match compares: stripped, lower case, without a final full stop."""
+    return text.strip().lower().rstrip(".").strip()
+
+
+def _sample_scene_for(rng: random.Random, qtype: str) -> tuple[Scene, str, str]:
+    while True:
+        scene = random_scene(rng, word=True if qtype == "word" else None)
+        qa = question_for(scene, qtype, rng)
+        if qa is not None:
+            return scene, *qa
+
+
+def write_split(out_dir: str | os.PathLike, name: str, n_images: int, seed: int, *,
+                max_turns: int = 4) -> Path:
+    """Write ``out_dir/name.jsonl`` and ``out_dir/name/*.png``: ``n_images`` scenes, each a conversation of
+    1..``max_turns`` question/answer turns (distinct questions, types spread out). Returns the JSONL path."""
+    rng = random.Random(seed)
+    out = Path(out_dir)
+    img_dir = out / name
+    img_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n_images):
+        scene = random_scene(rng)
+        qs = questions(scene)
+        by_type: dict[str, list] = {}
+        for t, q, a in qs:
+            by_type.setdefault(t, []).append((q, a))
+        types = list(by_type)
+        rng.shuffle(types)
+        picked = [rng.choice(by_type[t]) for t in types]
+        turns = picked[:rng.randint(1, min(max_turns, len(picked)))]
+        fname = f"{name}/{i:06d}.png"
+        render(scene).save(out / fname)
+        conv = []
+        for j, (q, a) in enumerate(turns):
+            conv.append({"from": "human", "value": ("<image>\n" if j == 0 else "") + q})
+            conv.append({"from": "gpt", "value": a})
+        rows.append({"id": f"{name}-{i}", "image": fname, "conversations": conv, "scene": scene.to_dict()})
+    path = out / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def eval_questions(n: int, seed: int) -> list[dict]:
+    """``n`` held-out items ``{"type", "question", "answer", "scene", "image"}`` (``image`` a PIL image), the
+    question types in turn (colour, count, position, shape, word, colour, ...), one scene per item."""
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        qtype = QUESTION_TYPES[i % len(QUESTION_TYPES)]
+        scene, q, a = _sample_scene_for(rng, qtype)
+        items.append({"type": qtype, "question": q, "answer": a, "scene": scene, "image": render(scene)})
+    return items
