@@ -17,6 +17,45 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 SECRET = "secret-internal-detail /opt/lib/thing.py line 12"
 
 
+class _TemplateErrors:
+    """The real processor, except that 'refuse' / 'undefined' prompts fail in the chat template the way
+    torchvlm.processing.chat_template reports it: the template's own raise_exception(...) or a jinja error."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, *args, **kwargs):
+        import jinja2
+
+        from torchvlm.errors import ProcessorError
+
+        text = repr(kwargs.get("messages"))
+        for word, exc in (("refuse", jinja2.exceptions.TemplateError("Conversation roles must alternate")),
+                          ("undefined", jinja2.exceptions.UndefinedError(f"'dict object' has no attribute '{SECRET}'"))):
+            if word in text:
+                try:
+                    raise exc
+                except jinja2.exceptions.TemplateError as e:
+                    raise ProcessorError(f"chat template error: {e.message or e}") from None
+        return self.inner(*args, **kwargs)
+
+
+def test_only_the_templates_own_refusal_reaches_the_client(served):
+    from torchvlm.serve import ServeConfig, create_app
+
+    model, processor = served
+    app = create_app(model, _TemplateErrors(processor), ServeConfig(served_model_name=MODEL, api_key=API_KEY))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/chat/completions", json=chat_body(text="refuse"), headers=AUTH)
+        assert r.status_code == 400 and "Conversation roles must alternate" in r.json()["error"]["message"]
+        r = c.post("/v1/chat/completions", json=chat_body(text="undefined"), headers=AUTH)
+        assert r.status_code == 400 and SECRET not in r.text and "dict object" not in r.text
+        assert r.json()["error"]["message"] == "the model's chat template cannot render these messages"
+
+
 class _BrokenProcessor:
     """The real processor, except that a prompt containing 'boom' raises an unexpected exception."""
 
@@ -67,6 +106,7 @@ def test_engine_failure_ends_its_requests_and_the_server_recovers(make_app):
         assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
         assert c.get("/health").json() == {"status": "ok"}
         assert state.worker.failures == 1 and state.worker.held == 0 and not state.engine.has_work()
+        assert state.metrics.client_disconnects == 0  # a failed request is not a client that left
 
 
 def test_worker_stop_ends_running_requests(make_app):

@@ -100,9 +100,10 @@ class Metrics:
         metric("requests_running", "gauge", "Requests decoding in the engine.", [("", len(engine.running))])
         metric("requests_waiting", "gauge", "Requests waiting for a cache row.", [("", len(engine.waiting))])
         metric("requests_held", "gauge", "Requests submitted and not finished.", [("", w.held)])
+        metric("requests_preparing", "gauge", "Admitted requests in preprocessing.", [("", state.preparing)])
         metric("queue_capacity", "gauge", "Requests the server holds at most.", [("", w.capacity)])
         metric("requests_finished_total", "counter", "Engine requests finished, by reason.",
-               [(f'{{reason="{r}"}}', n) for r, n in sorted(w.finished.items())])
+               [(f'{{reason="{r}"}}', n) for r, n in sorted(w.finished_counts().items())])
         metric("requests_rejected_total", "counter", "Requests refused before generation, by reason.",
                [(f'{{reason="{r}"}}', n) for r, n in sorted(self.rejected.items())])
         metric("client_disconnects_total", "counter", "Clients that left before their answer was complete.",
@@ -152,6 +153,7 @@ class ServerState:
     started: int = field(default_factory=lambda: int(time.time()))
     shutting_down: bool = False
     prep_limiter: Any = None
+    preparing: int = 0  # admitted requests (choices) in preprocessing, not yet submitted to the worker
 
 
 # ---------------------------------------------------------------------------------------------- gate
@@ -190,6 +192,9 @@ class _Gate:
                 total, cap = 0, self.state.config.max_body_bytes
                 while True:
                     message = await receive()
+                    if message["type"] == "http.disconnect":  # gone before its body arrived: nothing to answer
+                        status["code"] = 499
+                        return
                     messages.append(message)
                     if message["type"] != "http.request":
                         break
@@ -293,8 +298,16 @@ def _parse(raw: bytes, model: type) -> Any:
 def _processor_message(e: TorchVLMError) -> str:
     msg = str(e)
     if msg.startswith("chat template error: "):
-        return "the chat template refused these messages: " + msg[len("chat template error: "):][:300]
+        # the template's own raise_exception(...) (a plain jinja2 TemplateError) speaks to the client; other
+        # jinja errors (undefined attributes, type errors inside the template) are library text
+        import jinja2
+
+        if type(e.__context__) is jinja2.exceptions.TemplateError:
+            return "the chat template refused these messages: " + msg[len("chat template error: "):][:300]
+        log.info("chat template failed: %s", msg[:500])
+        return "the model's chat template cannot render these messages"
     if msg.startswith("chat template"):
+        log.info("chat template failed: %s", msg[:500])
         return "the model's chat template cannot render these messages"
     return msg[:500]
 
@@ -331,6 +344,22 @@ class _Results:
 
     def close(self) -> None:
         self.disconnect.cancel()
+
+
+class _Stream(StreamingResponse):
+    """A :class:`StreamingResponse` that runs ``on_close`` however it ends: when the client leaves before the
+    first chunk, Starlette cancels the response before the body generator ever starts, so the generator's
+    own ``finally`` would never run (and its engine requests would decode to ``max_tokens`` for nobody)."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 def _item_error(item: Exception) -> ApiError:
@@ -412,7 +441,7 @@ def create_app(model, processor, config: ServeConfig | None = None, *, engine: E
         if state.shutting_down or not state.worker.alive:
             state.metrics.rejected["unavailable"] = state.metrics.rejected.get("unavailable", 0) + 1
             raise ApiError(503, "The server is shutting down.", type="server_error", code="service_unavailable")
-        if not state.worker.has_room(n):
+        if not state.worker.has_room(n + state.preparing):
             state.metrics.rejected["queue_full"] = state.metrics.rejected.get("queue_full", 0) + 1
             raise ApiError(429, "The server is busy (its queue is full); retry later.", type="rate_limit_error",
                            code="queue_full")
@@ -533,11 +562,18 @@ def create_app(model, processor, config: ServeConfig | None = None, *, engine: E
                 state.metrics.observe("inter_token_latency_seconds", now - last_token[0])
             last_token[0] = now
 
-        def cleanup(gone: bool) -> None:
+        closed = [False]
+
+        def cleanup(gone: bool, failed: bool = False) -> None:
+            """Idempotent: stop watching the connection and cancel what is still in the engine. Requests
+            still pending when the answer was not finished (and did not fail) mean the client left."""
+            if closed[0]:
+                return
+            closed[0] = True
             results.close()
             for rid in pending:
                 state.worker.cancel(rid)
-            if gone or pending:
+            if gone or (pending and not failed):
                 state.metrics.client_disconnects += 1
                 log.info("%s: client disconnected; cancelled %d engine request(s)", cid, len(pending))
 
@@ -551,11 +587,12 @@ def create_app(model, processor, config: ServeConfig | None = None, *, engine: E
             texts = [[] for _ in rids]
             reasons: list[str | None] = [None] * len(rids)
             counts = [0] * len(rids)
-            gone = False
+            gone = failed = False
             try:
                 while pending:
                     item = await results.next()
                     if isinstance(item, Exception):
+                        failed = True
                         raise _item_error(item)
                     timing()
                     i = index[item.request_id]
@@ -568,7 +605,7 @@ def create_app(model, processor, config: ServeConfig | None = None, *, engine: E
                 gone = True
                 return Response(status_code=499)
             finally:
-                cleanup(gone)
+                cleanup(gone, failed)
             done_log(sum(counts))
             usage = {"prompt_tokens": prepared.prompt_tokens, "completion_tokens": sum(counts),
                      "total_tokens": prepared.prompt_tokens + sum(counts)}
@@ -601,7 +638,7 @@ def create_app(model, processor, config: ServeConfig | None = None, *, engine: E
 
         async def stream():
             counts = [0] * len(rids)
-            gone = False
+            gone = failed = False
             try:
                 if chat:
                     for i in range(len(rids)):
@@ -613,6 +650,7 @@ def create_app(model, processor, config: ServeConfig | None = None, *, engine: E
                         gone = True
                         return
                     if isinstance(item, Exception):
+                        failed = True
                         err = _item_error(item)
                         yield f"data: {json.dumps(err.body())}\n\n"
                         yield "data: [DONE]\n\n"
@@ -636,10 +674,10 @@ def create_app(model, processor, config: ServeConfig | None = None, *, engine: E
                                      "total_tokens": prepared.prompt_tokens + sum(counts)})
                 yield "data: [DONE]\n\n"
             finally:
-                cleanup(gone)
+                cleanup(gone, failed)
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        return _Stream(stream(), lambda: cleanup(False), media_type="text/event-stream",
+                       headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
     async def parse(request: Request, model_cls: type):
         raw = await request.body()
@@ -654,7 +692,11 @@ def create_app(model, processor, config: ServeConfig | None = None, *, engine: E
         req = await parse(request, ChatCompletionRequest)
         check_model(req.model)
         check_admission(req.n)
-        prepared = await anyio.to_thread.run_sync(prepare_chat, req, limiter=state.prep_limiter)
+        state.preparing += req.n  # counted against the queue from now on; the worker counts them once submitted
+        try:
+            prepared = await anyio.to_thread.run_sync(prepare_chat, req, limiter=state.prep_limiter)
+        finally:
+            state.preparing -= req.n  # no await between this and the submit in generate()
         return await generate(request, req, prepared, True, t0)
 
     @app.post("/v1/completions")
@@ -663,7 +705,11 @@ def create_app(model, processor, config: ServeConfig | None = None, *, engine: E
         req = await parse(request, CompletionRequest)
         check_model(req.model)
         check_admission(req.n)
-        prepared = await anyio.to_thread.run_sync(prepare_completion, req, limiter=state.prep_limiter)
+        state.preparing += req.n  # counted against the queue from now on; the worker counts them once submitted
+        try:
+            prepared = await anyio.to_thread.run_sync(prepare_completion, req, limiter=state.prep_limiter)
+        finally:
+            state.preparing -= req.n  # no await between this and the submit in generate()
         return await generate(request, req, prepared, False, t0)
 
     def model_card() -> dict:

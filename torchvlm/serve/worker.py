@@ -108,6 +108,11 @@ class EngineWorker:
         """Requests submitted and not yet finished."""
         return self._held
 
+    def finished_counts(self) -> dict[str, int]:
+        """A copy of :attr:`finished` (finish reason -> count) taken under the lock (for /metrics)."""
+        with self._lock:
+            return dict(self.finished)
+
     def has_room(self, n: int = 1) -> bool:
         """Whether ``n`` more requests would fit in the queue now."""
         return self._held + n <= self.capacity
@@ -150,9 +155,10 @@ class EngineWorker:
         finally:
             with self._lock:
                 self._stopping = True
-                pending = list(self._inbox)
+                pending = [p for p in self._inbox if p[0] == "add"]
                 self._inbox.clear()
-            for kind, payload, sink in (p for p in pending if p[0] == "add"):
+                self._held -= len(pending)  # submitted, never reached the engine
+            for kind, payload, sink in pending:
                 self._deliver(sink, WorkerStopped("the server is shutting down"))
             for rid in list(self._sinks):
                 self.engine.cancel(rid)
@@ -184,7 +190,8 @@ class EngineWorker:
                     self.cancelled[rid] = CancelRecord(requested, self.steps, self._produced.get(rid, 0))
                     while len(self.cancelled) > 1024:
                         self.cancelled.popitem(last=False)
-                    self.finished["cancelled"] = self.finished.get("cancelled", 0) + 1
+                    with self._lock:
+                        self.finished["cancelled"] = self.finished.get("cancelled", 0) + 1
                     self._finish(rid, None)
 
     def _step(self) -> None:
@@ -206,7 +213,8 @@ class EngineWorker:
             self._produced[out.request_id] += 1
             if out.finished:  # book-keeping first: once the last output is delivered the request is gone
                 reason = out.finish_reason or "stop"
-                self.finished[reason] = self.finished.get(reason, 0) + 1
+                with self._lock:
+                    self.finished[reason] = self.finished.get(reason, 0) + 1
                 self._finish(out.request_id, None)
             self._deliver(sink, out)
 
