@@ -32,7 +32,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", required=True, help="local directory, .gguf file or hub id")
+    p.add_argument("--model", "-m", default=None,
+                   help="local directory, .gguf file or hub id (default: the embedded demo model, a tiny VLM "
+                        "for pictures of coloured shapes that ships with torchvlm; docs/demo-model.md)")
     p.add_argument("--dtype", default="auto", help="auto | bf16 | fp16 | fp32 (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     p.add_argument("--revision", default=None, help="hub revision")
@@ -53,9 +55,18 @@ def _sampling(ns: argparse.Namespace) -> dict:
     )
 
 
+def _default_model(ns: argparse.Namespace) -> None:
+    """No ``--model``: use the embedded demo model (:func:`torchvlm.demo.default_model_path`)."""
+    if getattr(ns, "model", None) is None:
+        from .demo import default_model_path
+
+        ns.model = str(default_model_path())
+
+
 def _load(ns: argparse.Namespace):
     from .api import load
 
+    _default_model(ns)
     t0 = time.perf_counter()
     model, processor = load(ns.model, dtype=ns.dtype, device=ns.device, revision=ns.revision,
                             quantize=ns.quantize, optimize=getattr(ns, "optimize", True))
