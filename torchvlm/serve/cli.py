@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 
+from ..demo import DEMO_MODEL
 from ..errors import TorchVLMError
 from .config import ServeConfig
 
@@ -26,10 +27,11 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                        description="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, "
                                    "/v1/models, /health, /metrics) and a web chat page at /. See docs/serving.md "
                                    "and docs/security.md.")
-    _model_args(s)
+    _model_args(s)  # no --model: the embedded demo model
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--served-model-name", default=None, help="model name clients send (default: --model)")
+    s.add_argument("--served-model-name", default=None,
+                   help=f"model name clients send (default: --model, or '{DEMO_MODEL}' for the demo model)")
     s.add_argument("--api-key", default=None,
                    help="required as 'Authorization: Bearer KEY' (default: $TORCHVLM_API_KEY; none = no auth, "
                         "refused on non-loopback hosts)")
@@ -77,7 +79,8 @@ def config_from_args(ns: argparse.Namespace) -> ServeConfig:
     if local is not None and not os.path.isdir(local):
         raise TorchVLMError(f"--allowed-local-media-path {local}: not a directory")
     return ServeConfig(
-        served_model_name=ns.served_model_name or str(ns.model), api_key=api_key,
+        served_model_name=ns.served_model_name or (str(ns.model) if ns.model is not None else DEMO_MODEL),
+        api_key=api_key,
         allowed_media_domains=tuple(ns.allowed_media_domains or ()), allowed_local_media_path=local,
         max_batch_size=ns.max_batch_size, max_queue=ns.max_queue, max_images_per_request=ns.max_images_per_request,
         max_image_pixels=ns.max_image_pixels, max_image_bytes=ns.max_image_bytes, max_body_bytes=ns.max_body_bytes,
