@@ -123,6 +123,7 @@ def _vision_config(config: dict, source: VisionSource, where: str) -> dict:
 def _load_tower(path: Path, vision_dict: dict, source: VisionSource, dtype: torch.dtype, where: str) -> nn.Module:
     """The vision tower with the checkpoint's weights, strictly: every key is a tower weight or declared dropped."""
     from ..config import VisionConfig
+    from ..errors import CheckpointError
     from ..loading import SafetensorsSource, WeightMap, load_weights
     from ..vision.vit import VisionTransformer
 
@@ -130,22 +131,24 @@ def _load_tower(path: Path, vision_dict: dict, source: VisionSource, dtype: torc
     with torch.device("meta"):
         tower = VisionTransformer(cfg)
     weight_map = WeightMap(rename=((r"^vision_model\.", ""),), ignore=source.drop + (r"position_ids$",))
-    with SafetensorsSource(path) as st:
-        load_weights(tower, st, weight_map, dtype=dtype, device="cpu")
+    try:
+        with SafetensorsSource(path) as st:
+            load_weights(tower, st, weight_map, dtype=dtype, device="cpu")
+    except CheckpointError as exc:
+        raise CheckpointError(f"vision encoder '{path}': {exc}") from None
     return tower
 
 
-def _load_language_model(path: Path, dtype: torch.dtype):
-    from ..models.base import VLM
+def _text_lm_class(config: dict, where: str):
+    """The TextLM class for the language model's config (ConfigError for anything else)."""
     from ..models.text_lm import TextLM
     from ..registry import model_class
 
-    config, where = _read_config(path, "language model")
     impl = model_class(config, where)
     if not issubclass(impl, TextLM):
         raise ConfigError(f"{where}: the language model must be a decoder-only text LM (a *ForCausalLM checkpoint "
                           f"such as Llama, Qwen2, Gemma); this one is a '{impl.__name__}'")
-    return config, where, VLM.from_pretrained(path, dtype=dtype)
+    return impl
 
 
 def _checkpoint_dtype(config: dict) -> torch.dtype:
@@ -376,40 +379,36 @@ def build_vlm(
     missing tokenizer or chat template, an image processor that does not fit the tower, or a non-empty output.
     """
     from ..hub import resolve_model_path
-    from ..models.base import parse_dtype
+    from ..models.base import VLM, parse_dtype
     from ..models.llava.model import LlavaModel
     from ..models.llava.processor import LlavaProcessor
+    from ..registry import family_of
 
     output = Path(output).expanduser()
+    if isinstance(vision_feature_layer, tuple):
+        vision_feature_layer = list(vision_feature_layer)
     if not isinstance(image_token, str) or not image_token.strip():
         raise ConfigError(f"image_token must be a non-empty string (got {image_token!r})")
     vision_path = resolve_model_path(vision, revision=revision)
     lm_path = resolve_model_path(language, revision=revision)
     _prepare_output(output, overwrite, (vision_path, lm_path))
 
-    # --- configs and checks that need no weights
+    # --- configs and every check that needs no weights (fail fast, before reading gigabytes)
     vision_config, vision_where = _read_config(vision_path, "vision encoder")
     source = _vision_source(vision_config, vision_where)
     vision_dict = _vision_config(vision_config, source, vision_where)
     lm_config, lm_where = _read_config(lm_path, "language model")
-    _connector_layout(connector)
+    with torch.device("meta"):
+        text_cfg = _text_lm_class(lm_config, lm_where).from_config(lm_config, where=lm_where).text_config
+    layout = _connector_layout(connector)
     tok, image_token_id = _tokenizer_with_image_token(lm_path, image_token)
     template = _chat_template(chat_template, tok, image_token, lm_path)
     tok.chat_template = template
     out_dtype = parse_dtype(dtype) or _checkpoint_dtype(lm_config)
-
-    # --- weights: the LM (its own strict loader) and the vision tower (strict, declared drops)
-    _, _, lm = _load_language_model(lm_path, out_dtype)
-    text_cfg = lm.text_config
-    tower = _load_tower(vision_path, vision_dict, source, out_dtype, vision_where)
-    image_processor = _image_processor(vision_path, source, tower.embeddings.image_size)
     vocab = max(text_cfg.vocab_size, len(tok))
-    from ..registry import family_of
-
     text_dict = {k: v for k, v in lm_config.items() if k not in _FILE_FIELDS}
     text_dict.update(model_type=family_of(lm_config, lm_where), vocab_size=vocab,
                      tie_word_embeddings=text_cfg.tie_word_embeddings)
-    layout = _connector_layout(connector)
     config = {
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
@@ -423,12 +422,17 @@ def build_vlm(
         "vision_config": vision_dict,
     }
     with torch.device("meta"):
-        model = LlavaModel.from_config(config, where="build_vlm config")
+        model = LlavaModel.from_config(config, where="build_vlm")
     config["image_seq_length"] = model.num_image_tokens
     model.config = config
+    image_size = model.vision_config.image_size
+    image_processor = _image_processor(vision_path, source, image_size)
+
+    # --- weights: the LM (its own strict loader), the vision tower (strict, declared drops), a new connector
+    lm = VLM.from_pretrained(lm_path, dtype=out_dtype)
+    tower = _load_tower(vision_path, vision_dict, source, out_dtype, vision_where)
     n_layers = len(vision_feature_layer) if isinstance(vision_feature_layer, list) else 1
     projector = _connector(connector, model.vision_config.hidden_size * n_layers, text_cfg.hidden_size, seed)
-
     state: dict[str, torch.Tensor] = {f"vision_tower.{k}": v for k, v in tower.state_dict().items()}
     state.update({f"multi_modal_projector.{k}": v.to(out_dtype) for k, v in projector.state_dict().items()})
     for k, v in lm.language_model.state_dict().items():
@@ -442,7 +446,7 @@ def build_vlm(
 
     processor = LlavaProcessor(tok, image_processor, chat_template=template, config={"image_token": image_token},
                                model_config=config)
-    if processor.num_image_tokens(tower.embeddings.image_size, tower.embeddings.image_size) != model.num_image_tokens:
+    if processor.num_image_tokens(image_size, image_size) != model.num_image_tokens:
         raise TorchVLMError("build_vlm: processor and model disagree on the number of image tokens")
 
     output.parent.mkdir(parents=True, exist_ok=True)
