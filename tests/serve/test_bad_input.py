@@ -313,6 +313,8 @@ CASES = [
     ("completion-prompt-list-of-two", ("json", {"model": MODEL, "prompt": ["a", "b"]}, "strict"), 400, "invalid_value"),
     ("completion-echo", ("json", {"model": MODEL, "prompt": "hi", "echo": True}, "strict"), 400, "invalid_value"),
     ("completion-unknown-model", ("json", {"model": "nope", "prompt": "hi"}, "strict"), 404, "model_not_found"),
+    ("completion-too-long-prompt", ("json", {"model": MODEL, "prompt": "hello world " * 300}, "strict"), 400,
+     "context_length_exceeded"),
 ]
 COMPLETION_CASES = {c[0] for c in CASES if c[0].startswith("completion-")}
 
@@ -346,7 +348,9 @@ def test_bad_request(clients, dialed, name, request_, status, code):
         r = client.post(path, content=text.encode(), headers={**AUTH, "Content-Type": "application/json"})
     else:
         r = client.post(path, content=payload, headers={**AUTH, "Content-Type": "application/json"})
-    _check_error(r, status, code)
+    err = _check_error(r, status, code)
+    if code == "context_length_exceeded":  # the param names the field the client sent
+        assert err["param"] == ("prompt" if name in COMPLETION_CASES else "messages"), err
     assert all(is_public_address(ip) for ip in dialed), dialed  # no refused address was ever connected to
 
 

@@ -446,7 +446,7 @@ def create_app(model, processor, config: ServeConfig | None = None, *, engine: E
             raise ApiError(429, "The server is busy (its queue is full); retry later.", type="rate_limit_error",
                            code="queue_full")
 
-    def finish_prepare(batch: dict, requested: int | None) -> Prepared:
+    def finish_prepare(batch: dict, requested: int | None, param: str = "messages") -> Prepared:
         ids = batch["input_ids"][0]
         n_prompt = int(ids.numel())
         limit = engine.max_len
@@ -454,14 +454,14 @@ def create_app(model, processor, config: ServeConfig | None = None, *, engine: E
             room = limit - n_prompt
             if room < 1:
                 raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, your "
-                                    f"messages resulted in {n_prompt} tokens. Please reduce the length of the messages.",
-                               param="messages", code="context_length_exceeded")
+                                    f"{param} resulted in {n_prompt} tokens. Please reduce the length of the {param}.",
+                               param=param, code="context_length_exceeded")
             requested = min(room, config.default_max_tokens or room)
         elif n_prompt + requested > limit:
             raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                                f"{n_prompt + requested} tokens ({n_prompt} in the messages, {requested} in the "
-                                "completion). Please reduce the length of the messages or completion.",
-                           param="messages", code="context_length_exceeded")
+                                f"{n_prompt + requested} tokens ({n_prompt} in the {param}, {requested} in the "
+                                f"completion). Please reduce the length of the {param} or completion.",
+                           param=param, code="context_length_exceeded")
         inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
         return Prepared(ids, inputs, n_prompt, requested)
 
@@ -515,7 +515,7 @@ def create_app(model, processor, config: ServeConfig | None = None, *, engine: E
             batch = processor(text=prompt)
         except TorchVLMError as e:
             raise ApiError(400, _processor_message(e), param="prompt", code="invalid_value") from None
-        return finish_prepare(batch, req.max_tokens)
+        return finish_prepare(batch, req.max_tokens, "prompt")
 
     async def generate(request: Request, req, prepared: Prepared, chat: bool, t0: float):
         top_k = req.top_k if req.top_k and req.top_k > 0 else 0
