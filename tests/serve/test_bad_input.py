@@ -14,6 +14,7 @@ import base64
 import http.server
 import json
 import os
+import re
 import socket
 import struct
 import threading
@@ -220,7 +221,7 @@ CASES = [
     ("top-p-zero", _chat(top_p=0), 400, "invalid_value"),
     ("top-p-above-one", _chat(top_p=1.5), 400, "invalid_value"),
     ("n-zero", _chat(n=0), 400, "invalid_value"),
-    ("n-too-large", _chat(n=100), 400, "invalid_value"),
+    ("n-too-large", _chat(n=1000), 400, "invalid_value"),
     ("n-above-server-limit", _chat(n=5), 400, "invalid_value"),
     ("n-string", _chat(n="2"), 400, "invalid_value"),
     ("stop-int", _chat(stop=5), 400, "invalid_value"),
@@ -312,11 +313,34 @@ CASES = [
     ("completion-prompt-int", ("json", {"model": MODEL, "prompt": 5}, "strict"), 400, "invalid_value"),
     ("completion-prompt-list-of-two", ("json", {"model": MODEL, "prompt": ["a", "b"]}, "strict"), 400, "invalid_value"),
     ("completion-echo", ("json", {"model": MODEL, "prompt": "hi", "echo": True}, "strict"), 400, "invalid_value"),
+    ("completion-suffix", ("json", {"model": MODEL, "prompt": "hi", "suffix": "x"}, "strict"), 400, "invalid_value"),
     ("completion-unknown-model", ("json", {"model": "nope", "prompt": "hi"}, "strict"), 404, "model_not_found"),
     ("completion-too-long-prompt", ("json", {"model": MODEL, "prompt": "hello world " * 300}, "strict"), 400,
      "context_length_exceeded"),
 ]
 COMPLETION_CASES = {c[0] for c in CASES if c[0].startswith("completion-")}
+# the field each refusal must name (so a case cannot pass by failing on something else, e.g. a broken base body)
+IMAGE_PARAM = "messages[0].content[0].image_url"
+PARAMS = {
+    "missing-model": "model", "missing-messages": "messages", "empty-messages": "messages",
+    "messages-not-list": "messages", "message-not-object": "messages[0]", "message-missing-role": "messages[0].role",
+    "unknown-role": "messages[0].role", "content-wrong-type": "messages[0].content",
+    "user-content-null": "messages[0].content", "unknown-part-type": "messages[0].content[0]",
+    "text-part-not-string": "messages[0].content[0].text", "image-url-missing": IMAGE_PARAM + ".url",
+    "image-url-not-string": IMAGE_PARAM + ".url", "image-in-assistant-message": "messages[1].content[0].image_url",
+    "model-not-string": "model", "unknown-model": "model", "max-tokens-zero": "max_tokens",
+    "max-tokens-negative": "max_tokens", "max-tokens-string": "max_tokens", "max-tokens-float": "max_tokens",
+    "max-completion-tokens-bool": "max_completion_tokens", "temperature-negative": "temperature",
+    "temperature-huge": "temperature", "temperature-string": "temperature", "top-p-zero": "top_p",
+    "top-p-above-one": "top_p", "n-zero": "n", "n-too-large": "n", "n-above-server-limit": "n", "n-string": "n",
+    "stop-int": "stop", "stop-list-with-int": "stop[1]", "stop-empty-string": "stop", "stop-too-many": "stop",
+    "seed-negative": "seed", "seed-huge": "seed", "stream-not-bool": "stream",
+    "stream-options-without-stream": "stream_options", "logprobs": "logprobs", "tools": "tools",
+    "frequency-penalty": "frequency_penalty", "json-response-format": "response_format",
+    "too-many-images": "messages", "completion-prompt-int": "prompt", "completion-prompt-list-of-two": "prompt",
+    "completion-echo": "echo", "completion-suffix": "suffix", "completion-unknown-model": "model",
+}
+REFUSALS: dict[str, tuple] = {}  # case -> (status, code, param, message shape), filled by test_bad_request
 
 
 def _check_error(r, status, code):
@@ -351,7 +375,21 @@ def test_bad_request(clients, dialed, name, request_, status, code):
     err = _check_error(r, status, code)
     if code == "context_length_exceeded":  # the param names the field the client sent
         assert err["param"] == ("prompt" if name in COMPLETION_CASES else "messages"), err
+    elif name in PARAMS:
+        assert err["param"] == PARAMS[name], err
+    elif "image" in code or "media" in code:
+        assert err["param"] == IMAGE_PARAM, err
+    shape = re.sub(r"\d+", "N", re.sub(r"'[^']*'", "''", err["message"]))  # host names, sizes, counts left out
+    REFUSALS[name] = (r.status_code, err["code"], err["param"], shape)
     assert all(is_public_address(ip) for ip in dialed), dialed  # no refused address was ever connected to
+
+
+def test_the_refusals_are_distinct():
+    """Many inputs, many different refusals: the suite is not one check hit a hundred times. (Inputs that
+    differ only in how they spell a forbidden address share their refusal by design.)"""
+    if len(REFUSALS) < len(CASES):
+        pytest.skip("needs the whole bad-request suite in this run")
+    assert len(set(REFUSALS.values())) >= 60, sorted(set(REFUSALS.values()))
 
 
 def test_chunked_body_over_the_cap(clients):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 __all__ = [
     "ApiError", "ChatCompletionRequest", "CompletionRequest", "ChatMessage", "TextPart", "ImagePart",
@@ -108,18 +108,34 @@ class _Sampling(_Model):
     logit_bias: dict[str, Any] | None = None
     user: str | None = None
 
-    @model_validator(mode="after")
-    def _unsupported(self):
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name):
-                raise ValueError(f"{name} is not supported (only 0)")
-        if self.logprobs not in (None, False, 0):
+    # refusals as field validators, so the error's ``param`` names the field
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalties(cls, v):
+        if v:
+            raise ValueError("not supported (only 0)")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v):
+        if v not in (None, False, 0):
             raise ValueError("logprobs are not supported")
-        if self.logit_bias:
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, v):
+        if v:
             raise ValueError("logit_bias is not supported")
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed with stream: true")
-        return self
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, v, info: ValidationInfo):
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("only allowed with stream: true")
+        return v
 
 
 class ChatCompletionRequest(_Sampling):
@@ -133,17 +149,33 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Any] | None = None
     tool_choice: Any = None
 
-    @model_validator(mode="after")
-    def _unsupported_chat(self):
-        if self.tools:
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, v):
+        if v:
             raise ValueError("tools are not supported")
-        if self.tool_choice not in (None, "none", "auto"):
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, v):
+        if v not in (None, "none", "auto"):
             raise ValueError("tool_choice is not supported")
-        if self.top_logprobs not in (None, 0):
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _no_top_logprobs(cls, v):
+        if v not in (None, 0):
             raise ValueError("top_logprobs is not supported")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
-        return self
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_format_only(cls, v):
+        if v is not None and v.get("type") != "text":
+            raise ValueError("only {'type': 'text'} is supported")
+        return v
 
 
 class CompletionRequest(_Sampling):
@@ -155,10 +187,16 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
     best_of: Annotated[int, Field(ge=1, le=1)] | None = None
 
-    @model_validator(mode="after")
-    def _unsupported_completion(self):
-        if self.echo:
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v):
+        if v:
             raise ValueError("echo is not supported")
-        if self.suffix:
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v):
+        if v:
             raise ValueError("suffix is not supported")
-        return self
+        return v
