@@ -92,6 +92,7 @@ _NEEDS_TEMPLATE = ("give one with chat_template= (CLI: --chat-template FILE): a 
 
 
 def _read_config(path: Path, what: str) -> tuple[dict, str]:
+    """``(config.json dict, its path)`` of a checkpoint directory (``what`` names it in the error)."""
     from ..hub import read_config
 
     if not path.is_dir():
@@ -100,6 +101,7 @@ def _read_config(path: Path, what: str) -> tuple[dict, str]:
 
 
 def _vision_source(config: dict, where: str) -> VisionSource:
+    """The :data:`VISION_SOURCES` entry for a vision checkpoint's config (by ``model_type``, else ``architectures``)."""
     kind = config.get("model_type")
     if kind not in VISION_SOURCES:
         kind = next((_VISION_ARCHITECTURES[a] for a in config.get("architectures") or [] if a in _VISION_ARCHITECTURES),
@@ -112,6 +114,8 @@ def _vision_source(config: dict, where: str) -> VisionSource:
 
 
 def _vision_config(config: dict, source: VisionSource, where: str) -> dict:
+    """The output's ``vision_config``: the checkpoint's vision config without file fields, typed and overridden
+    as ``source`` says."""
     vc = config if source.config_key is None else config.get(source.config_key)
     if not isinstance(vc, dict):
         raise ConfigError(f"{where}: field '{source.config_key}' must be an object (the vision tower's config)")
@@ -181,9 +185,8 @@ def _tokenizer_with_image_token(path: Path, image_token: str):
                 raise ConfigError(f"{path / 'tokenizer_config.json'}: extra_special_tokens.image_token is "
                                   f"'{named['image_token']}', not '{image_token}'; pass image_token='{named['image_token']}'")
         cfg["extra_special_tokens"] = named
-    # a fresh backend (the Tokenizer constructor adds missing special tokens to it)
-    fresh = Tokenizer.from_pretrained(path)
-    tok = Tokenizer(fresh.backend, cfg, generation_config=base.generation_config, chat_template=base.chat_template,
+    # the constructor adds special tokens missing from the backend (at the end of the vocabulary)
+    tok = Tokenizer(base.backend, cfg, generation_config=base.generation_config, chat_template=base.chat_template,
                     name_or_path=str(path))
     ids = tok.encode(image_token, add_special_tokens=False)
     if len(ids) != 1:
@@ -282,6 +285,7 @@ def _image_processor(vision_path: Path, source: VisionSource, image_size: int):
 
 # ---------------------------------------------------------------------------------------------- connector
 def _connector_layout(kind: str) -> dict[str, Any]:
+    """The :data:`CONNECTOR_LAYOUTS` entry of connector ``kind`` (ConfigError listing the supported ones)."""
     from ..connectors import CONNECTORS
 
     if kind not in CONNECTOR_LAYOUTS:
@@ -316,6 +320,8 @@ def _resized(weight: torch.Tensor, rows: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- output dir
 def _prepare_output(output: Path, overwrite: bool, inputs: tuple[Path, ...]) -> None:
+    """Refuse an output that overlaps an input checkpoint, is a file, or is a non-empty directory (unless
+    ``overwrite``)."""
     resolved = output.resolve()
     for p in inputs:
         if p.is_dir() and (resolved == p.resolve() or p.resolve() in resolved.parents or resolved in p.resolve().parents):
@@ -452,6 +458,9 @@ def build_vlm(
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.build-", dir=output.parent))
     try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would outlive the rename
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)
