@@ -221,12 +221,17 @@ def test_errors(parts, built, tmp_path):
     (no_tmpl / "chat_template.jinja").unlink()
     cfg = json.loads((no_tmpl / "tokenizer_config.json").read_text())
     cfg.pop("chat_template", None)
+    cfg.pop("extra_special_tokens", None)  # the image token then gets a name: {"image_token": "<image>"}
     (no_tmpl / "tokenizer_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="has no chat template.*chat_template="):
         build_vlm(clip, no_tmpl, tmp_path / "x")
     with pytest.raises(ConfigError, match="chat_template argument does not render a user turn with an image"):
         build_vlm(clip, no_tmpl, tmp_path / "x", chat_template="{{ raise_exception('no') }}")
-    assert build_vlm(clip, no_tmpl, tmp_path / "ok", chat_template=tiny.LLAMA_CHAT_TEMPLATE).is_dir()
+    ok = build_vlm(clip, no_tmpl, tmp_path / "ok", chat_template=tiny.LLAMA_CHAT_TEMPLATE)
+    assert json.loads((ok / "tokenizer_config.json").read_text())["extra_special_tokens"] == {"image_token": "<image>"}
+    hp = transformers.AutoProcessor.from_pretrained(ok)
+    assert hp.image_token_id == json.loads((ok / "config.json").read_text())["image_token_index"]
+    assert hp.chat_template == tiny.LLAMA_CHAT_TEMPLATE
     # strict weight names: a stray tensor in the vision checkpoint is refused, naming it and the file
     stray = tmp_path / "stray"
     shutil.copytree(clip, stray)
