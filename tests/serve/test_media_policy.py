@@ -241,3 +241,43 @@ def test_a_url_with_an_unusable_host_is_refused_before_any_lookup():
 ])
 def test_address_classification(ip, public):
     assert is_public_address(ip) is public
+
+
+# ------------------------------------------------------------------------------------------ decoding
+def _png_with_chunk(kind: bytes, data: bytes) -> bytes:
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, "PNG")
+    png = buf.getvalue()
+    chunk = struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return png[:33] + chunk + png[33:]  # right after IHDR
+
+
+@pytest.mark.parametrize("kind,prefix", [(b"zTXt", b"k\0\0"), (b"iCCP", b"p\0\0"), (b"iTXt", b"k\0\1\0\0\0")],
+                         ids=["zTXt", "iCCP", "iTXt"])
+def test_compressed_metadata_bombs_are_refused(kind, prefix):
+    import zlib
+
+    bomb = _png_with_chunk(kind, prefix + zlib.compress(b"\0" * (16 * 1024 * 1024), 9))  # ~16 KB -> 16 MB
+    assert len(bomb) < 64 * 1024
+    with pytest.raises(MediaError) as e:
+        MediaPolicy(ServeConfig()).decode(bomb)
+    assert e.value.code == "invalid_image"
+
+
+def test_an_animated_gif_gives_its_first_frame():
+    import io
+
+    from PIL import Image
+
+    frames = [Image.new("P", (64, 64), i) for i in range(200)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    img = MediaPolicy(ServeConfig()).decode(buf.getvalue())
+    assert img.size == (64, 64) and img.mode == "RGB"
+    assert img.getpixel((0, 0)) == frames[0].convert("RGB").getpixel((0, 0)) != frames[1].convert("RGB").getpixel((0, 0))
