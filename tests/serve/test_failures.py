@@ -4,6 +4,7 @@ a failing engine step ends the requests it held with an error, and the server ke
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from fastapi.testclient import TestClient
@@ -127,3 +128,45 @@ def test_worker_stop_ends_running_requests(make_app):
         r = c.post("/v1/chat/completions", json=chat_body(), headers=AUTH)
         assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable"
         assert c.get("/health").status_code == 503
+
+
+class _CrashingEngine:
+    """Takes requests, then crashes the worker thread (an exception outside the guarded engine step) once
+    ``crash`` is set; ``entered`` tells that the thread is inside it."""
+
+    max_batch_size = 2
+
+    def __init__(self):
+        self.entered, self.crash = threading.Event(), threading.Event()
+        self.added = []
+
+    def add_request(self, input_ids, request_id, **kw):
+        self.added.append(request_id)
+
+    def has_work(self):
+        self.entered.set()
+        assert self.crash.wait(60)
+        raise RuntimeError(SECRET)
+
+    def cancel(self, request_id):
+        return True
+
+    def step(self):
+        return []
+
+
+def test_a_crashed_worker_ends_queued_and_running_requests():
+    from torchvlm.serve.worker import EngineWorker
+
+    engine = _CrashingEngine()
+    worker = EngineWorker(engine, max_queue=4)
+    got = {"a": [], "b": []}
+    worker.submit([dict(request_id="a", input_ids=[1])], got["a"].append)
+    assert engine.entered.wait(60)  # "a" is in the engine; the thread waits inside has_work()
+    worker.submit([dict(request_id="b", input_ids=[1])], got["b"].append)  # still in the inbox
+    assert worker.held == 2
+    engine.crash.set()
+    worker.stop()
+    assert engine.added == ["a"]
+    assert [type(x) for x in got["a"]] == [WorkerStopped] and [type(x) for x in got["b"]] == [WorkerStopped]
+    assert worker.held == 0 and not worker.alive
