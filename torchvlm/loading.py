@@ -663,7 +663,8 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory (its entries), where the platform allows it."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -866,7 +867,7 @@ def save_weights(
         if index_tmp is not None:
             os.replace(index_tmp, out / SAFE_WEIGHTS_INDEX_NAME)
         temps = []
-        _fsync_dir(out)
+        fsync_dir(out)
     finally:
         for tmp in temps:
             try:

@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from ..errors import TorchVLMError
+from ..loading import fsync_dir
 
 __all__ = ["CheckpointState", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
-           "rng_state", "set_rng_state", "fsync_dir"]
+           "rng_state", "set_rng_state", "fsync_dir", "publish_dir"]
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 TRAINER = "trainer.json"
@@ -64,23 +65,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    """fsync a directory (its entries), where the platform allows it."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
+
+
+def publish_dir(tmp: Path, final: Path) -> Path:
+    """Make the fully written folder ``tmp`` appear as ``final`` in one step: its files and entries fsynced,
+    renamed into place (an existing ``final`` is swapped out first and removed only afterwards), the parent
+    fsynced. ``tmp`` and ``final`` must be in the same folder."""
+    for f in tmp.iterdir():
+        if f.is_file():
+            _fsync_file(f)
+    fsync_dir(tmp)
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}-{time.monotonic_ns()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    fsync_dir(final.parent)
+    return final
 
 
 def _write_files(tmp: Path, weights: dict[str, torch.Tensor], optim: dict, rng: dict) -> None:
@@ -112,17 +118,7 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, *, weights: dict[str,
     _write_files(tmp, weights, optim, rng_state())
     manifest = {f: (tmp / f).stat().st_size for f in (WEIGHTS, OPTIM, RNG)}
     (tmp / TRAINER).write_text(json.dumps({**trainer, "step": step, "files": manifest}, indent=2, sort_keys=True))
-    for f in (WEIGHTS, OPTIM, RNG, TRAINER):
-        _fsync_file(tmp / f)
-    fsync_dir(tmp)
-    if final.exists():  # the same step again (a resumed run that saves where it started): replace it
-        old = out / f".old-{final.name}-{time.monotonic_ns()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    fsync_dir(out)
+    publish_dir(tmp, final)  # the same step again (a resumed run saving where it started) replaces it
     for _, p in list_checkpoints(out)[max(keep, 1):]:
         shutil.rmtree(p, ignore_errors=True)
     return final

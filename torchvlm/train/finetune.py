@@ -201,25 +201,12 @@ def _export_dtype(model) -> torch.dtype:
 
 
 def _atomic_dir(out: Path, name: str, write) -> Path:
-    """Run ``write(tmp_dir)`` then rename the folder to ``out/name`` (replacing an older one)."""
-    final, tmp = out / name, out / f".tmp-{name}-{os.getpid()}"
+    """Run ``write(tmp_dir)`` then publish the folder as ``out/name`` (replacing an older one)."""
+    tmp = out / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write(tmp)
-    for f in tmp.iterdir():
-        if f.is_file():
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
-    ckpt.fsync_dir(tmp)
-    if final.exists():
-        old = out / f".old-{name}-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    ckpt.fsync_dir(out)
-    return final
+    return ckpt.publish_dir(tmp, out / name)
 
 
 def _save_full(model, processor, source: Path, out: Path) -> None:
