@@ -49,16 +49,21 @@ def test_chat_streaming_with_image_and_usage(live):
 
 def test_n_seed_and_stop(live):
     client = _client(live)
-    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=6, temperature=1.0, seed=7, n=3)
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=12, temperature=1.0, seed=7, n=3,
+              extra_body={"ignore_eos": True})
     a = client.chat.completions.create(**kw)
     b = client.chat.completions.create(**kw)
     assert [c.index for c in a.choices] == [0, 1, 2]
-    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]  # seeded
-    first = a.choices[0].message.content
-    if len(first) > 2:  # a stop string cuts the text before it
-        stopped = client.chat.completions.create(**{**kw, "n": 1, "stop": [first[1:3]]})
-        assert stopped.choices[0].finish_reason == "stop"
-        assert stopped.choices[0].message.content == first[: first.index(first[1:3])]
+    texts = [c.message.content for c in a.choices]
+    assert texts == [c.message.content for c in b.choices]  # seeded
+    assert len(set(texts)) > 1  # choice i samples with seed + i
+    assert all(c.finish_reason == "length" for c in a.choices) and a.usage.completion_tokens == 3 * 12
+    # a stop string cuts the text before it (choice k was sampled with seed 7 + k)
+    k, first = next((i, t) for i, t in enumerate(texts) if len(t) > 3 and "\ufffd" not in t)
+    stop = first[1:3]
+    stopped = client.chat.completions.create(**{**kw, "n": 1, "seed": 7 + k, "stop": [stop]})
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].message.content == first[: first.index(stop)]
 
 
 def test_completions_and_models(live):
