@@ -32,6 +32,8 @@ def test_argument_errors(llava_dir, capsys, monkeypatch):
     assert main(["serve", "--model", str(llava_dir), "--allowed-local-media-path", "/nonexistent/dir"]) == 2
     assert "not a directory" in capsys.readouterr().err
     assert main(["serve", "--model", str(llava_dir), "--max-batch-size", "0"]) == 2
+    assert main(["serve", "--model", str(llava_dir), "--allowed-media-domains", "*"]) == 2
+    assert "allowed media domain" in capsys.readouterr().err
 
 
 def test_missing_serve_extra(llava_dir, capsys, monkeypatch):

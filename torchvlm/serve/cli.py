@@ -75,6 +75,10 @@ def config_from_args(ns: argparse.Namespace) -> ServeConfig:
             raise TorchVLMError(f"--{name.replace('_', '-')} must be >= 1")
     if ns.max_queue < 0:
         raise TorchVLMError("--max-queue must be >= 0")
+    from .media import allow_list_entry
+
+    for entry in ns.allowed_media_domains or ():
+        allow_list_entry(entry)  # a bad entry stops the command before the model is loaded
     local = ns.allowed_local_media_path
     if local is not None and not os.path.isdir(local):
         raise TorchVLMError(f"--allowed-local-media-path {local}: not a directory")

@@ -160,7 +160,9 @@ class _DeadlineSocket:
         # like socket.makefile's reference count, the real socket stays open: MediaPolicy._get closes it
 
 
-def _allow_entry(entry: str) -> str:
+def allow_list_entry(entry: str) -> str:
+    """One ``--allowed-media-domains`` entry in its normalized form (``*.`` kept); raises
+    :class:`~torchvlm.errors.TorchVLMError` for anything that is not a host name or IP address."""
     entry = entry.strip()
     wildcard = entry.startswith("*.")
     host = normalize_host(entry[2:] if wildcard else entry)
@@ -178,7 +180,7 @@ class MediaPolicy:
         self.config = config
         self.resolver: Callable[[str, int], list[str]] = config.resolver or system_resolver
         self.dial: Callable[[str, int, float], socket.socket] = config.dial or _dial
-        self.domains = tuple(_allow_entry(d) for d in config.allowed_media_domains if d.strip())
+        self.domains = tuple(allow_list_entry(d) for d in config.allowed_media_domains if d.strip())
         self.tls = config.tls_context or ssl.create_default_context()
         root = config.allowed_local_media_path
         self.local_root = os.path.realpath(root) if root else None
