@@ -196,6 +196,25 @@ def test_cache_matches_recompute(florence):
     assert torch.equal(logits.argmax(-1), plain)
 
 
+def test_beam_search_computes_cross_kv_once(florence, monkeypatch):
+    """Beam search repeats the cross-attention cache once (K beams per row) and then keeps it: following the
+    beams only reorders the decoder KV cache (the encoder output of a row is the same for all its beams)."""
+    _, ours, _ = florence
+    batch = _case(ours, "batch_left")
+    seen = []
+    step = Seq2SeqSession.step
+
+    def spy(self, nxt, end):
+        seen.append((self.cross[0][0].data_ptr(), self.cross[0][0].shape[0]))
+        return step(self, nxt, end)
+
+    monkeypatch.setattr(Seq2SeqSession, "step", spy)
+    ours.generate(**batch, max_new_tokens=8, ignore_eos=True, num_beams=3, forced_eos_token_id=None)
+    beams = seen[1:]  # seen[0]: the first decoder step on the start token, before the expansion
+    assert len(beams) == 7 and {n for _, n in beams} == {6}
+    assert len({ptr for ptr, _ in beams}) == 1, "the cross-attention cache was copied between beam steps"
+
+
 def test_padded_batch_matches_single_rows(florence):
     """Right padding (the encoder is bidirectional; its positions count slots, so padding goes last) leaves every
     row's logits, greedy and beam-search tokens as when run alone."""

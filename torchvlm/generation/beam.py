@@ -141,7 +141,7 @@ def beam_search(
             ends.all())
         if done:
             break
-        session.reorder(parents)
+        session.reorder(parents, same_encoder=True)  # beams stay in their row: the cross cache is unchanged
         logits = session.step(running[:, :, cur - 1].reshape(-1), cur - 1)
 
     best = sequences[:, 0]  # [B, max_length]; hypotheses are sorted best first

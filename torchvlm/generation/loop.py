@@ -142,8 +142,10 @@ class CausalSession:
         )
         return lm.logits(hidden[:, -1])
 
-    def reorder(self, index: Tensor) -> None:
-        """Keep (and repeat) the batch rows ``index [N]`` (beam search: expand, then follow the beams)."""
+    def reorder(self, index: Tensor, *, same_encoder: bool = False) -> None:
+        """Keep (and repeat) the batch rows ``index [N]`` (beam search: expand, then follow the beams).
+        ``same_encoder`` is for :meth:`Seq2SeqSession.reorder`'s signature; a decoder-only model has no
+        encoder state."""
         if self.step_fn is not None:
             raise GenerationError("compile=True does not support beam search (num_beams > 1)")
         self.cache.k = [k.index_select(0, index) for k in self.cache.k]
@@ -182,13 +184,16 @@ class Seq2SeqSession:
                                 start=end)
         return self.lm.logits(hidden[:, -1])
 
-    def reorder(self, index: Tensor) -> None:
-        """Keep (and repeat) the batch rows ``index [N]``."""
+    def reorder(self, index: Tensor, *, same_encoder: bool = False) -> None:
+        """Keep (and repeat) the batch rows ``index [N]``. ``same_encoder``: every row of ``index`` has the
+        encoder output it replaces (beam search following beams within their batch row), so the
+        cross-attention cache and encoder mask stay as they are instead of being copied every step."""
         self.cache.k = [k.index_select(0, index) for k in self.cache.k]
         self.cache.v = [v.index_select(0, index) for v in self.cache.v]
-        self.cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross]
-        if self.encoder_valid is not None:
-            self.encoder_valid = self.encoder_valid.index_select(0, index)
+        if not same_encoder:
+            self.cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross]
+            if self.encoder_valid is not None:
+                self.encoder_valid = self.encoder_valid.index_select(0, index)
         self.logits = self.logits.index_select(0, index)
         self.context_ids = self.context_ids.index_select(0, index)
         self.context_mask = self.context_mask.index_select(0, index)
