@@ -72,6 +72,7 @@ def add_train_parsers(sub) -> None:
     m.add_argument("--adapter", required=True, help="adapter directory (OUTPUT/final of a LoRA finetune)")
     m.add_argument("--output", "-o", required=True)
     m.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: the base checkpoint's)")
+    m.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --output")
     m.set_defaults(func=cmd_merge_lora)
 
     b = sub.add_parser("build", help="assemble a new VLM from a vision encoder and a text LM, LLaVA style "
@@ -108,7 +109,7 @@ def cmd_merge_lora(ns: argparse.Namespace) -> int:
     """Run ``torchvlm merge-lora``."""
     from .finetune import merge_adapter
 
-    print(merge_adapter(ns.model, ns.adapter, ns.output, dtype=ns.dtype))
+    print(merge_adapter(ns.model, ns.adapter, ns.output, dtype=ns.dtype, overwrite=ns.overwrite))
     return 0
 
 

@@ -218,19 +218,25 @@ def _save_full(model, processor, source: Path, out: Path) -> None:
 
 
 def merge_adapter(model_id: str, adapter_dir: str | os.PathLike, output: str | os.PathLike, *,
-                  dtype: str | torch.dtype | None = None) -> Path:
+                  dtype: str | torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Load the base model ``model_id`` (plain layout, ``dtype`` or the checkpoint's own), inject and load the
     LoRA adapter of ``adapter_dir``, fold it into the weights and save a plain HF checkpoint (weights, config,
-    processor files) to ``output``, which torchvlm and transformers load like any other."""
+    processor files) to ``output``, which torchvlm and transformers load like any other.
+
+    ``output`` must not overlap the base or the adapter folder, and must be missing or empty unless
+    ``overwrite`` (checked before anything is loaded); the checkpoint is written to a temporary folder and
+    renamed into place, so a crash leaves the previous ``output`` (if any) untouched."""
     from ..api import load_processor
     from ..hub import resolve_model_path
     from ..models.base import VLM
+    from .build import _prepare_output
 
     path = resolve_model_path(model_id)
+    out = Path(output)
+    _prepare_output(out, overwrite, (Path(path), Path(adapter_dir)))
     model = VLM.from_pretrained(path, dtype=dtype, optimize=False)
     merged = merge_lora(load_adapter(model, adapter_dir))
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     return _atomic_dir(out.parent, out.name, lambda d: _save_full(merged, load_processor(path), path, d))
 
 
@@ -460,7 +466,8 @@ class Trainer:
             result["final"] = str(_atomic_dir(self.out, "final", lambda d: (
                 save_adapter(self.wrapper, d, base_model=str(self.source)), self.processor.save_pretrained(d))))
             if cfg.merge:
-                result["merged"] = str(merge_adapter(str(self.source), self.out / "final", self.out / "merged"))
+                result["merged"] = str(merge_adapter(str(self.source), self.out / "final", self.out / "merged",
+                                                          overwrite=True))
         else:
             self.model.requires_grad_(False)
             model = self.model.eval().to(self.export_dtype)
