@@ -9,6 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import torchvlm  # noqa: E402
+from torchvlm.errors import GenerationError  # noqa: E402
 from torchvlm.generation.engine import Engine  # noqa: E402
 from torchvlm.generation.loop import generate  # noqa: E402
 from torchvlm.generation.sampling import SamplingParams  # noqa: E402
@@ -116,3 +117,12 @@ def test_prefix_reuse_gives_the_same_tokens(text_model):
     # the same prompt again reuses all but its last token
     again = engine.add_request(prompts[0], params=SamplingParams(max_new_tokens=6), ignore_eos=True)
     assert engine.run()[again] == got[ids[0]]
+
+
+@pytest.mark.parametrize("kw", [{"num_beams": 2}, {"no_repeat_ngram_size": 2}, {"forced_eos_token_id": 2},
+                                {"forced_bos_token_id": 0}])
+def test_beam_and_constraint_settings_are_refused_not_ignored(text_model, kw):
+    """The engine's steps apply neither beam search nor HF's sequence constraints: asking for them is an error."""
+    engine = Engine(text_model, max_batch_size=1, max_len=32)
+    with pytest.raises(GenerationError, match=next(iter(kw))):
+        engine.add_request(_prompts(1)[0], params=SamplingParams(max_new_tokens=4, **kw))

@@ -184,6 +184,10 @@ class Engine:
             )
         if params.stop and self.tokenizer is None:
             raise GenerationError("stop strings need a tokenizer")
+        if params.num_beams > 1 or params.constrained:  # not applied by the engine's steps: refuse, never ignore
+            raise GenerationError("the engine does not run beam search (num_beams > 1) or sequence constraints "
+                                  "(no_repeat_ngram_size, forced_bos_token_id, forced_eos_token_id); use "
+                                  "torchvlm.generation.generate")
         rid = request_id or f"req-{next(self._ids)}"
         if any(r.id == rid for r in itertools.chain(self.running, self.waiting)):
             raise GenerationError(f"request id '{rid}' is already in use")
