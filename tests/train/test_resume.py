@@ -156,3 +156,20 @@ def test_cli_reports_bad_data_with_its_line(llava_dir, colour_data, tmp_path, ca
                "--output", str(tmp_path / "o")])
     assert rc == 2
     assert f"error: {bad}:2: broken JSON line" in capsys.readouterr().err
+
+
+def test_pruning_never_deletes_the_new_checkpoint_and_drops_an_abandoned_later_one(tmp_path):
+    """--resume auto skipped a corrupt checkpoint-9 and went on from step 4: saving step 5 with keep=1 must keep
+    step 5 (it used to keep the higher-numbered corrupt 9 and delete the new one)."""
+    import torch
+
+    def save(step, keep):
+        return ckpt.save_checkpoint(tmp_path, step, weights={"w": torch.zeros(2)}, optim={}, trainer={}, keep=keep)
+
+    save(4, 2)
+    save(9, 2)
+    (save(9, 2) / ckpt.WEIGHTS).write_bytes(b"cut")  # corrupt
+    assert latest_checkpoint(tmp_path).name == "checkpoint-00000004"
+    new = save(5, 1)
+    assert [p for _, p in ckpt.list_checkpoints(tmp_path)] == [new]
+    assert latest_checkpoint(tmp_path) == new

@@ -11,7 +11,7 @@ Layout of ``OUTPUT/checkpoint-<step:08d>/``:
 
 A checkpoint is written into a temporary folder ``OUTPUT/.tmp-checkpoint-*``; every file and the folder are
 fsynced, then the folder is renamed to its final name in one ``os.rename`` and ``OUTPUT`` is fsynced. Only
-then are older checkpoints beyond ``keep`` removed, so the previous good checkpoint survives any crash during
+then are older checkpoints beyond ``keep`` (and any of a later step: a resumed run rewrites those) removed, so the previous good checkpoint survives any crash during
 the write. :func:`latest_checkpoint` returns the newest checkpoint whose manifest checks out (skipping
 incomplete ones) and removes leftover temporary folders.
 """
@@ -119,7 +119,12 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, *, weights: dict[str,
     manifest = {f: (tmp / f).stat().st_size for f in (WEIGHTS, OPTIM, RNG)}
     (tmp / TRAINER).write_text(json.dumps({**trainer, "step": step, "files": manifest}, indent=2, sort_keys=True))
     publish_dir(tmp, final)  # the same step again (a resumed run saving where it started) replaces it
-    for _, p in list_checkpoints(out)[max(keep, 1):]:
+    # only now, with the new one complete: drop checkpoints of later steps (an abandoned trajectory, e.g. a
+    # corrupt newest one that --resume auto skipped; kept, they would outrank this run's checkpoints and make
+    # the pruning below delete the one just written), then all but the ``keep`` newest
+    found = list_checkpoints(out)
+    later = [p for s, p in found if s > step]
+    for p in later + [p for s, p in found if s <= step][max(keep, 1):]:
         shutil.rmtree(p, ignore_errors=True)
     return final
 
