@@ -173,6 +173,9 @@ def test_generation_config_defaults_like_hf(florence, tmp_path):
         from torchvlm.generation.loop import stream_generate
 
         next(stream_generate(ours, batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"]))
+    ours.generation_config = {**ours.generation_config, "no_repeat_ngram_size": -1}  # a bad checkpoint value
+    with pytest.raises(GenerationError, match=r"generation_config\.json.*no_repeat_ngram_size"):
+        ours.generate(**batch, max_new_tokens=4)
 
 
 def test_cache_matches_recompute(florence):

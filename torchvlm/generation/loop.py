@@ -79,6 +79,10 @@ def _params(params: SamplingParams | None, kwargs: dict, model=None) -> Sampling
         # a model's own generation defaults (Florence-2: beam search, no-repeat n-grams) under the user's keywords
         hook = getattr(model, "generation_defaults", None)
         defaults = dict(hook()) if hook is not None else {}
+        try:  # a bad checkpoint value is named as the checkpoint's, not as the caller's keyword
+            SamplingParams(**defaults).validate()
+        except GenerationError as e:
+            raise GenerationError(f"the model's generation defaults (its generation_config.json): {e}") from None
         if sampling.get("temperature") and "num_beams" not in sampling:
             defaults.pop("num_beams", None)  # asking to sample means no (greedy) beam search
         params = SamplingParams(**{**defaults, **sampling})
