@@ -396,6 +396,8 @@ class Trainer:
         return total / max(count, 1)
 
     def train_step(self, window: list[list[int]]) -> dict:
+        """One optimizer step over the micro-batches ``window``. The loss is the mean of the micro-batch
+        means (each micro-batch token-weighted inside; docs/finetuning.md explains the choice)."""
         t0 = time.perf_counter()
         losses, tokens = [], 0
         for idx in window:
