@@ -33,10 +33,14 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 __all__ = ["COLOURS", "SHAPES", "POSITIONS", "WORDS", "QUESTION_TYPES", "IMAGE_SIZE", "Shape", "Scene",
-           "random_scene", "render", "questions", "question_for", "write_split", "eval_questions",
+           "random_scene", "example_scene", "render", "draw_shape", "questions", "question_for", "write_split", "eval_questions",
            "normalize_answer"]
 
-IMAGE_SIZE = 128
+#: side of the rendered images, in pixels: a 3 x 3 grid of 32 px cells, one per place (the word's corner
+#: is the top-left cell)
+IMAGE_SIZE = 96
+#: the geometry (shape sizes, jitter, word position) is given in pixels of a 128 px image and scaled
+REF_SIZE = 128
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {
     "red": (220, 30, 30),
@@ -62,7 +66,7 @@ WORD_PROBABILITY = 0.5
 
 @dataclass(frozen=True)
 class Shape:
-    """One shape of a scene: kind, colour name, slot name, half size in pixels (at :data:`IMAGE_SIZE`)."""
+    """One shape of a scene: kind, colour name, slot name, half size in pixels (at :data:`REF_SIZE`)."""
 
     kind: str
     colour: str
@@ -116,28 +120,33 @@ def _font():
     return _FONT
 
 
+def draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, jitter: tuple[int, int], size: int, fill) -> None:
+    """Draw one shape of a scene on an image of ``size`` pixels with ``fill`` (a colour, or a label value)."""
+    s = size / REF_SIZE
+    fx, fy = POSITIONS[shape.position]
+    cx, cy, h = fx * size + jitter[0] * s, fy * size + jitter[1] * s, shape.half * s
+    if shape.kind == "circle":
+        draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=fill)
+    elif shape.kind == "square":
+        draw.rectangle([cx - h * 0.9, cy - h * 0.9, cx + h * 0.9, cy + h * 0.9], fill=fill)
+    else:
+        draw.polygon([(cx, cy - h), (cx - h * 1.1, cy + h * 0.9), (cx + h * 1.1, cy + h * 0.9)], fill=fill)
+
+
 def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     """Draw ``scene`` as an RGB image of ``size`` x ``size`` pixels (no anti-aliasing: exact, portable)."""
-    s = size / IMAGE_SIZE
+    s = size / REF_SIZE
     img = Image.new("RGB", (size, size), (scene.background,) * 3)
     draw = ImageDraw.Draw(img)
-    for shape, (jx, jy) in zip(scene.shapes, scene.jitter or [(0, 0)] * len(scene.shapes)):
-        fx, fy = POSITIONS[shape.position]
-        cx, cy, h = fx * size + jx * s, fy * size + jy * s, shape.half * s
-        colour = COLOURS[shape.colour]
-        if shape.kind == "circle":
-            draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=colour)
-        elif shape.kind == "square":
-            draw.rectangle([cx - h * 0.9, cy - h * 0.9, cx + h * 0.9, cy + h * 0.9], fill=colour)
-        else:
-            draw.polygon([(cx, cy - h), (cx - h * 1.1, cy + h * 0.9), (cx + h * 1.1, cy + h * 0.9)], fill=colour)
+    for shape, jitter in zip(scene.shapes, scene.jitter or [(0, 0)] * len(scene.shapes)):
+        draw_shape(draw, shape, jitter, size, COLOURS[shape.colour])
     if scene.word:
-        # the 11 px bitmap font drawn at 2x (nearest neighbour) so a patch sees about one letter
+        # the 11 px bitmap font, drawn at 2x (nearest neighbour) from 128 px images up
         font = _font()
         l, t, r, b = font.getbbox(scene.word)
         mask = Image.new("L", (r, b), 0)
         ImageDraw.Draw(mask).text((0, 0), scene.word, fill=255, font=font)
-        scale = max(1, round(2 * s))
+        scale = max(1, int(2 * s))
         mask = mask.resize((r * scale, b * scale), Image.NEAREST)
         x, y = round(scene.word_xy[0] * s), round(scene.word_xy[1] * s)
         img.paste((20, 20, 20), (x, y, x + mask.width, y + mask.height), mask)
@@ -220,3 +229,10 @@ def eval_questions(n: int, seed: int) -> list[dict]:
         scene, q, a = _sample_scene_for(rng, qtype)
         items.append({"type": qtype, "question": q, "answer": a, "scene": scene, "image": render(scene)})
     return items
+
+
+def example_scene() -> Scene:
+    """The scene of ``examples/demo.png`` (the README's example): a red circle on the left, a blue square on
+    the right, a green triangle at the top and the word ``cat``."""
+    return Scene([Shape("circle", "red", "left", 12), Shape("square", "blue", "right", 12),
+                  Shape("triangle", "green", "top", 12)], "cat", (5, 5), 255, [(0, 0)] * 3)
