@@ -133,6 +133,19 @@ def test_merged_lora_export_matches_the_adapter_model(llava_dir, colour_data, tm
                  str(tmp_path / "cli_merged")]) == 0
     again, _ = torchvlm.load(tmp_path / "cli_merged", dtype="fp32")
     assert all(torch.equal(p, dict(merged.named_parameters())[n]) for n, p in again.named_parameters())
+    # merge-lora never replaces a non-empty folder without --overwrite, nor writes over its inputs
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("user data")
+    from torchvlm.train.finetune import merge_adapter
+
+    with pytest.raises(ConfigError, match="not empty"):
+        merge_adapter(str(llava_dir), result["final"], keep)
+    assert (keep / "notes.txt").read_text() == "user data"
+    with pytest.raises(ConfigError, match="overlaps"):
+        merge_adapter(str(llava_dir), result["final"], result["final"])
+    assert main(["merge-lora", "--model", str(llava_dir), "--adapter", result["final"], "--output",
+                 str(tmp_path / "cli_merged"), "--overwrite"]) == 0
 
 
 def test_gradient_checkpointing_gives_the_same_training(llava_dir, colour_data, tmp_path):
@@ -152,16 +165,3 @@ def test_bf16_autocast_and_grad_accum(llava_dir, colour_data, tmp_path):
     trainer.run()
     losses = _losses(tmp_path)
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
-    # merge-lora never replaces a non-empty folder without --overwrite, nor writes over its inputs
-    keep = tmp_path / "mine"
-    keep.mkdir()
-    (keep / "notes.txt").write_text("user data")
-    from torchvlm.train.finetune import merge_adapter
-
-    with pytest.raises(ConfigError, match="not empty"):
-        merge_adapter(str(llava_dir), result["final"], keep)
-    assert (keep / "notes.txt").read_text() == "user data"
-    with pytest.raises(ConfigError, match="overlaps"):
-        merge_adapter(str(llava_dir), result["final"], result["final"])
-    assert main(["merge-lora", "--model", str(llava_dir), "--adapter", result["final"], "--output",
-                 str(tmp_path / "cli_merged"), "--overwrite"]) == 0
