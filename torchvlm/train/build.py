@@ -334,14 +334,12 @@ def _prepare_output(output: Path, overwrite: bool, inputs: tuple[Path, ...]) -> 
 
 
 def _install(tmp: Path, output: Path) -> None:
-    """Move the finished build from ``tmp`` into ``output`` (replacing what was there)."""
-    if output.is_dir():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, old)
-        os.replace(tmp, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, output)
+    """Move the finished build from ``tmp`` into ``output`` (replacing what was there): files and folders
+    fsynced before and after the rename (:func:`~torchvlm.train.checkpoint.publish_dir`), so a power loss
+    never leaves a renamed folder with empty files."""
+    from .checkpoint import publish_dir
+
+    publish_dir(tmp, output)
 
 
 # ---------------------------------------------------------------------------------------------- build
