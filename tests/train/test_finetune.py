@@ -165,3 +165,14 @@ def test_bf16_autocast_and_grad_accum(llava_dir, colour_data, tmp_path):
     trainer.run()
     losses = _losses(tmp_path)
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_fp16_runs_with_a_grad_scaler_and_resumes(llava_dir, colour_data, tmp_path):
+    trainer = Trainer(_cfg(llava_dir, colour_data, tmp_path, mode="lora", dtype="fp16", max_steps=2, save_every=1))
+    assert trainer.scaler.is_enabled()
+    trainer.run()
+    assert all(torch.isfinite(torch.tensor(_losses(tmp_path))))
+    again = Trainer(_cfg(llava_dir, colour_data, tmp_path, mode="lora", dtype="fp16", max_steps=2, save_every=1,
+                         resume="auto"))
+    again.resume()
+    assert again.step == 2 and again.scaler.get_scale() == trainer.scaler.get_scale()
