@@ -170,7 +170,7 @@ def lm_config(args, tokenizer) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.lm_width,
             "intermediate_size": 3 * args.lm_width, "num_hidden_layers": args.lm_layers,
             "num_attention_heads": args.lm_width // 64, "num_key_value_heads": args.lm_width // 64,
-            "head_dim": 64, "vocab_size": vocab, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+            "head_dim": 64, "vocab_size": vocab, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5,
             "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": True, "attention_bias": False,
             "bos_token_id": tokenizer.backend.token_to_id("<s>"), "eos_token_id": tokenizer.backend.token_to_id("</s>"),
             "pad_token_id": tokenizer.backend.token_to_id("<pad>"), "dtype": "float32"}
