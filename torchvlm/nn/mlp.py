@@ -29,7 +29,8 @@ class GatedMLP(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """``fc2(act(fc1(x)))``: the plain two-layer MLP of BART and DaViT (HF names ``fc1`` / ``fc2``)."""
+    """``fc2(act(fc1(x)))``: the plain two-layer MLP of the CLIP / SigLIP / InternViT and DaViT blocks (HF names
+    ``fc1`` / ``fc2``; BART's layers hold the same two linears directly, without the ``mlp`` level)."""
 
     def __init__(self, dim: int, hidden: int, act: str = "gelu", bias: bool = True, where: str | None = None):
         super().__init__()

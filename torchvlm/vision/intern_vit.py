@@ -31,7 +31,7 @@ from ..config import ConfigReader, vit_shape
 from ..errors import ProcessorError
 from ..nn.attention import attention
 from ..nn.norm import RMSNorm
-from .vit import VisionMLP, VisionOutput
+from .vit import VisionOutput, vision_mlp
 
 __all__ = ["INTERN_VISION_DEFAULTS", "InternVisionConfig", "InternVisionTransformer"]
 
@@ -193,7 +193,7 @@ class InternVisionLayer(nn.Module):
     def __init__(self, cfg: InternVisionConfig) -> None:
         super().__init__()
         self.attention = InternVisionAttention(cfg)
-        self.mlp = VisionMLP(cfg)
+        self.mlp = vision_mlp(cfg)
         self.layernorm_before = _norm(cfg)
         self.layernorm_after = _norm(cfg)
         self.lambda_1 = nn.Parameter(torch.empty(cfg.hidden_size))

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from ..config import VisionConfig
 from ..errors import ConfigError, ProcessorError
-from ..nn.activations import get_activation
 from ..nn.attention import attention
+from ..nn.mlp import FeedForward
 
 __all__ = ["VisionOutput", "VisionTransformer", "select_features"]
 
@@ -160,17 +160,9 @@ class VisionAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
-class VisionMLP(nn.Module):
-    """``fc2(act(fc1(x)))``."""
-
-    def __init__(self, cfg: VisionConfig) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.act = get_activation(cfg.hidden_act, "vision_config.hidden_act")
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+def vision_mlp(cfg) -> FeedForward:
+    """The ViT block MLP ``fc2(act(fc1(x)))`` of CLIP / SigLIP / InternViT (:class:`~torchvlm.nn.mlp.FeedForward`)."""
+    return FeedForward(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, where="vision_config.hidden_act")
 
 
 class VisionEncoderLayer(nn.Module):
@@ -181,7 +173,7 @@ class VisionEncoderLayer(nn.Module):
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.self_attn = VisionAttention(cfg)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = VisionMLP(cfg)
+        self.mlp = vision_mlp(cfg)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         x = x + self.self_attn(self.layer_norm1(x), mask)
@@ -234,7 +226,7 @@ class AttentionPoolingHead(nn.Module):
         self.probe = nn.Parameter(torch.empty(1, 1, cfg.hidden_size))
         self.attention = PoolingAttention(cfg.hidden_size, cfg.num_attention_heads)
         self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = VisionMLP(cfg)
+        self.mlp = vision_mlp(cfg)
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, N, D]`` -> ``[B, D]``."""
