@@ -361,6 +361,19 @@ class VLM(nn.Module):
         return {}
 
     # ------------------------------------------------------------------------------------------ forward
+    def embed_with_images(self, embed, input_ids: Tensor, pixel_values: Tensor | None = None,
+                          image_features: ImageFeatures | None = None, **extra) -> Tensor:
+        """``embed(input_ids)`` with the image features (given, or encoded from ``pixel_values``) written over
+        the image-token positions; the image token id itself is never looked up (it may be out of the
+        vocabulary). Decoder-only prefill and an encoder-decoder's encoder input share it."""
+        if self.image_token_id is None:
+            return embed(input_ids)
+        is_image = input_ids == self.image_token_id
+        embeds = embed(input_ids.masked_fill(is_image, 0))
+        if pixel_values is not None and image_features is None:
+            image_features = self.encode_image(pixel_values, **extra)
+        return scatter_features(embeds, is_image, image_features)
+
     def prepare_inputs(
         self,
         input_ids: Tensor,
@@ -371,16 +384,10 @@ class VLM(nn.Module):
     ) -> ModelInputs:
         """Embeddings with image features merged at the image-token positions, rope positions and masks."""
         self.check_inputs(extra)
-        lm = self.language_model.model
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        is_image = input_ids == self.image_token_id if self.image_token_id is not None else None
-        ids = input_ids.masked_fill(is_image, 0) if is_image is not None else input_ids  # image id may be OOV
-        embeds = lm.embed(ids)
-        if pixel_values is not None and image_features is None:
-            image_features = self.encode_image(pixel_values, **extra)
-        if is_image is not None:
-            embeds = scatter_features(embeds, is_image, image_features)
+        embeds = self.embed_with_images(self.language_model.model.embed, input_ids, pixel_values, image_features,
+                                        **extra)
         mask = attention_mask.bool()
         padded = not bool(mask.all())
         return ModelInputs(

@@ -28,7 +28,7 @@ from ...errors import ConfigError, GenerationError, ProcessorError
 from ...loading import WeightMap
 from ...text.seq2seq import Seq2SeqConfig, Seq2SeqLM
 from ...vision.davit import DaViT, DaViTConfig
-from ..base import IGNORE_INDEX, VLM, ImageFeatures, ModelOutput, scatter_features
+from ..base import IGNORE_INDEX, VLM, ImageFeatures, ModelOutput
 from .weights import SAVE_RENAME, TIED_IGNORE, WEIGHT_MAP
 
 #: HF ``Florence2Config`` top-level defaults
@@ -183,11 +183,7 @@ class Florence2Model(VLM):
         self.check_inputs(extra)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        is_image = input_ids == self.image_token_id
-        embeds = self.language_model.embed(input_ids.masked_fill(is_image, 0))  # the image id may be OOV
-        if pixel_values is not None and image_features is None:
-            image_features = self.encode_image(pixel_values)
-        embeds = scatter_features(embeds, is_image, image_features)
+        embeds = self.embed_with_images(self.language_model.embed, input_ids, pixel_values, image_features)
         valid = attention_mask.bool()
         key_valid = None if bool(valid.all()) else valid
         return self.language_model.encoder(embeds, key_valid), key_valid
