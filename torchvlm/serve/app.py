@@ -686,31 +686,26 @@ def create_app(model, processor, config: ServeConfig | None = None, *, engine: E
         return await anyio.to_thread.run_sync(_parse, raw, model_cls)  # big bodies: keep the event loop free
 
     # -------------------------------------------------------------------------------------- routes
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def handle(request: Request, model_cls: type, prepare, chat: bool):
+        """Parse, admit, preprocess (off the event loop) and generate one request of either route."""
         t0 = time.perf_counter()
-        req = await parse(request, ChatCompletionRequest)
+        req = await parse(request, model_cls)
         check_model(req.model)
         check_admission(req.n)
         state.preparing += req.n  # counted against the queue from now on; the worker counts them once submitted
         try:
-            prepared = await anyio.to_thread.run_sync(prepare_chat, req, limiter=state.prep_limiter)
+            prepared = await anyio.to_thread.run_sync(prepare, req, limiter=state.prep_limiter)
         finally:
             state.preparing -= req.n  # no await between this and the submit in generate()
-        return await generate(request, req, prepared, True, t0)
+        return await generate(request, req, prepared, chat, t0)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, ChatCompletionRequest, prepare_chat, True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        t0 = time.perf_counter()
-        req = await parse(request, CompletionRequest)
-        check_model(req.model)
-        check_admission(req.n)
-        state.preparing += req.n  # counted against the queue from now on; the worker counts them once submitted
-        try:
-            prepared = await anyio.to_thread.run_sync(prepare_completion, req, limiter=state.prep_limiter)
-        finally:
-            state.preparing -= req.n  # no await between this and the submit in generate()
-        return await generate(request, req, prepared, False, t0)
+        return await handle(request, CompletionRequest, prepare_completion, False)
 
     def model_card() -> dict:
         return {"id": config.served_model_name, "object": "model", "created": state.started, "owned_by": "torchvlm",
