@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 
 from .bench import add_bench_parser
+from .distributed.cli import add_pipeline_args
 from .errors import TorchVLMError
 from .serve.cli import add_serve_parser
 from .train.cli import add_train_parsers
@@ -68,6 +69,10 @@ def _load(ns: argparse.Namespace):
 
     _default_model(ns)
     t0 = time.perf_counter()
+    if getattr(ns, "pipeline_stages", None):  # under torchrun; ranks > 0 serve their stage and exit here
+        from .distributed.cli import load_for_cli
+
+        return load_for_cli(ns)
     model, processor = load(ns.model, dtype=ns.dtype, device=ns.device, revision=ns.revision,
                             quantize=ns.quantize, optimize=getattr(ns, "optimize", True))
     if getattr(ns, "verbose", False):
@@ -259,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print tokens as they come")
     g.add_argument("--verbose", "-v", action="store_true")
     _sampling_args(g)
+    add_pipeline_args(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive chat (/image PATH, /clear, /quit)")

@@ -51,6 +51,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--default-max-tokens", type=int, default=None,
                    help="completion length when a request sets none (default: the rest of the context)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    from ..distributed.cli import add_pipeline_args
+
+    add_pipeline_args(s)  # rank 0 serves HTTP, the other torchrun ranks run their stage (docs/distributed.md)
     s.set_defaults(func=cmd_serve)
     return s
 
@@ -104,7 +107,12 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from .app import create_app, run
 
     model, processor = _load(ns)
-    app = create_app(model, processor, config)
+    engine = None
+    if getattr(ns, "pipeline_stages", None):  # one request at a time through the stages
+        from ..distributed.pipeline import pipeline_engine
+
+        engine = pipeline_engine(model, processor, config)
+    app = create_app(model, processor, config, engine=engine)
     if config.api_key is None:
         print("warning: no --api-key: every client on this host can use the server", file=sys.stderr)
     run(app, host=ns.host, port=ns.port, log_level=ns.log_level)
