@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 __all__ = ["add_train_parsers", "cmd_build", "cmd_finetune", "cmd_merge_lora"]
 
@@ -47,7 +48,8 @@ def add_train_parsers(sub) -> None:
     o.add_argument("--weight-decay", type=float, default=0.0)
     o.add_argument("--epochs", type=int, default=1)
     o.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    o.add_argument("--batch-size", type=int, default=1)
+    o.add_argument("--batch-size", type=int, default=1,
+                   help="samples per micro-batch per process (under torchrun: the global batch is this x WORLD_SIZE)")
     o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     o.add_argument("--warmup-steps", type=int, default=0)
     o.add_argument("--lr-schedule", choices=("cosine", "linear", "constant"), default="cosine")
@@ -101,7 +103,9 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
 
     fields = set(FinetuneConfig.__dataclass_fields__) - {"extra"}
     cfg = FinetuneConfig(**{k: v for k, v in vars(ns).items() if k in fields})
-    print(json.dumps(finetune(cfg), indent=2))
+    result = finetune(cfg)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports (docs/distributed.md)
+        print(json.dumps(result, indent=2))
     return 0
 
 

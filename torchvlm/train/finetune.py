@@ -245,6 +245,9 @@ class Trainer:
     """One fine-tuning run: builds model, data, optimizer from a :class:`FinetuneConfig`; :meth:`run` trains
     and saves. ``trainer.model`` is the (possibly LoRA-wrapped) model being trained."""
 
+    #: whether this process writes the log and config (False on ranks > 0 of a data-parallel run)
+    is_main = True
+
     def __init__(self, cfg: FinetuneConfig):
         from ..api import load_processor
         from ..hub import resolve_model_path
@@ -330,11 +333,13 @@ class Trainer:
             if ckpt.list_checkpoints(self.out):
                 raise ConfigError(f"{self.out} already holds checkpoints: pass --resume auto to continue, or "
                                   "choose another --output")
-            self.log_path.unlink(missing_ok=True)
+            if self.is_main:
+                self.log_path.unlink(missing_ok=True)
             return None
         path = ckpt.latest_checkpoint(self.out) if cfg.resume == "auto" else Path(cfg.resume)
         if path is None:
-            self.log_path.unlink(missing_ok=True)
+            if self.is_main:
+                self.log_path.unlink(missing_ok=True)
             return None
         state = ckpt.load_checkpoint(path)
         trainer = state["trainer"]
@@ -359,7 +364,8 @@ class Trainer:
         self.scaler.load_state_dict(state["optim"]["scaler"])
         ckpt.set_rng_state(state["rng"])
         self.step, self.epoch, self.pos = trainer["step"], trainer["epoch"], trainer["position"]
-        _trim_log(self.log_path, self.step)
+        if self.is_main:
+            _trim_log(self.log_path, self.step)
         return path
 
     def save(self) -> Path:
@@ -425,9 +431,11 @@ class Trainer:
 
         cfg = self.cfg
         resumed = self.resume()
-        (self.out / "finetune_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        log = (lambda rec: _log(self.log_path, rec)) if self.is_main else (lambda rec: None)
+        if self.is_main:
+            (self.out / "finetune_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         done = self.step >= self.total_steps  # resuming a finished run only writes the result again
-        _log(self.log_path, {"type": "start", "step": self.step, "resumed_from": str(resumed) if resumed else None,
+        log({"type": "start", "step": self.step, "resumed_from": str(resumed) if resumed else None,
                              "mode": cfg.mode, "trainable_parameters": sum(p.numel() for p in self.trainable.values()),
                              "train_samples": len(self.train_data), "total_steps": self.total_steps,
                              "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups}})
@@ -448,14 +456,15 @@ class Trainer:
                 self.epoch, self.pos = self.epoch + 1, 0
             done = self.step >= self.total_steps
             rec = {"type": "train", "step": self.step, "epoch": round(self.epoch + self.pos / len(batches), 4), **rec}
-            _log(self.log_path, rec)
+            log(rec)
             last["train_loss"] = rec["loss"]
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{seen_tokens / (time.perf_counter() - start):.0f}")
             if self.val_data is not None and (end_of_epoch or done or (cfg.eval_every and self.step % cfg.eval_every == 0)):
                 last["val_loss"] = self.evaluate()
-                _log(self.log_path, {"type": "eval", "step": self.step, "epoch": self.epoch, "val_loss": last["val_loss"]})
-                bar.write(f"step {self.step}: val_loss {last['val_loss']:.4f}", file=sys.stderr)
+                log({"type": "eval", "step": self.step, "epoch": self.epoch, "val_loss": last["val_loss"]})
+                if self.is_main:
+                    bar.write(f"step {self.step}: val_loss {last['val_loss']:.4f}", file=sys.stderr)
             if end_of_epoch or done or (cfg.save_every and self.step % cfg.save_every == 0):
                 self.save()
         bar.close()
@@ -486,4 +495,11 @@ def finetune(config: FinetuneConfig | None = None, **kwargs: Any) -> dict:
     the LoRA adapter + processor files; ``merge=True`` adds the merged checkpoint ``OUTPUT/merged``).
     Returns ``{"step", "final", "merged", "train_loss", "val_loss", "output"}``."""
     cfg = config if config is not None else FinetuneConfig(**kwargs)
+    from ..distributed.launch import dist_env
+
+    env = dist_env()
+    if env is not None and env.world_size > 1:  # under torchrun: data-parallel (docs/distributed.md)
+        from ..distributed.ddp import DDPTrainer
+
+        return DDPTrainer(cfg).run()
     return Trainer(cfg).run()
