@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from .bench import add_bench_parser
 from .distributed.cli import add_pipeline_args
 from .errors import TorchVLMError
+from .features import add_embed_parser
 from .serve.cli import add_serve_parser
 from .train.cli import add_train_parsers
 
@@ -283,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_serve_parser(sub)
     add_train_parsers(sub)
+    add_embed_parser(sub)
     return p
 
 

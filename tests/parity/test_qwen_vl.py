@@ -300,3 +300,22 @@ def test_end_to_end_with_processors(family, tmp_path):
     batch = proc(messages=torchvlm.build_messages("What happens?", [picture], videos=[frames]))
     assert "pixel_values_videos" in batch and "pixel_values" in batch
     assert torch.equal(out.sequences, model.generate(**batch, max_new_tokens=5, ignore_eos=True))
+
+
+def test_encode_image_vision_layer_is_patch_major(pair):
+    """encode_image(layer=-1): the last block's per-patch states, row-major per image (windows and merge
+    blocks undone); regrouping them into merge blocks and applying the merger gives the LM-space features."""
+    hf, ours, _ = pair
+    batch = _batch(images=[(1, 4, 6), (1, 8, 4)])
+    with torch.no_grad():
+        raw = ours.encode_image(batch, layer=-1)
+        feats = ours.encode_image(batch)
+    assert raw.counts == [24, 32] and raw.grids == [(1, 4, 6), (1, 8, 4)]
+    blocks = []
+    for grid in raw.spatial_per_image():
+        t, h, w, d = grid.shape
+        blocks.append(grid.reshape(t, h // MERGE, MERGE, w // MERGE, MERGE, d).permute(0, 1, 3, 2, 4, 5).reshape(-1, d))
+    with torch.no_grad():
+        merged = ours.vision_tower.merger(torch.cat(blocks))
+    torch.testing.assert_close(merged, feats.tokens[0], atol=1e-5, rtol=1e-5)
+    assert ours.encode_image(batch, layer=0).tokens.shape == (1, 56, ours.vision_tower.config.hidden_size)

@@ -110,10 +110,60 @@ class ImageFeatures:
         return list(self.tokens[0].split(self.counts))
 
     def spatial(self) -> Tensor:
-        """Tokens as a grid ``[N_images, rows, cols, D]``."""
+        """Tokens as a grid ``[N_images, rows, cols, D]``.
+
+        Images of different sizes (per-image ``grids`` that differ, or videos) have no common grid: use
+        :meth:`spatial_per_image`."""
+        if self.grid is None and self.grids and len(set(self.grids)) == 1 and self.grids[0][0] == 1:
+            _, rows, cols = self.grids[0]
+            return self.tokens.reshape(len(self.grids), rows, cols, self.tokens.shape[-1])
         if self.grid is None:
-            raise ValueError("these image features have no spatial grid")
+            raise ValueError("these image features have no common spatial grid (images of different sizes, "
+                             "videos, or tokens that are not a grid such as LLaVA-NeXT's); see spatial_per_image()")
         return self.tokens.reshape(self.tokens.shape[0], *self.grid, self.tokens.shape[-1])
+
+    def spatial_per_image(self) -> list[Tensor]:
+        """One ``[frames, rows, cols, D]`` grid per image (``frames`` is 1 for still images)."""
+        if self.grids is not None:
+            return [t.reshape(*g, t.shape[-1]) for t, g in zip(self.per_image(), self.grids)]
+        return [g[None] for g in self.spatial()]
+
+
+class _Tapped(Exception):
+    """Carries a tapped vision-layer output out of the tower (stops the forward there)."""
+
+    def __init__(self, value: Tensor):
+        super().__init__("tapped")
+        self.value = value
+
+
+#: ``pooling=`` choices of :meth:`VLM.encode_text` / :func:`pool_hidden`
+POOLINGS = ("none", "mean", "last", "first")
+
+
+def pool_hidden(hidden: Tensor, attention_mask: Tensor | None, pooling: str = "none") -> Tensor:
+    """Pool ``hidden [B, T, D]`` over the real tokens of ``attention_mask [B, T]`` (left or right padding).
+
+    ``none``: ``hidden`` as is; ``mean``: masked mean ``[B, D]``; ``last`` / ``first``: the last / first real
+    token ``[B, D]`` (``last`` is what a causal decoder has seen the whole prompt at)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got '{pooling}'")
+    if pooling == "none":
+        return hidden
+    if attention_mask is None:
+        attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+    mask = attention_mask.to(hidden.device).bool()
+    if not bool(mask.any(1).all()):
+        raise ValueError("pool_hidden: a row of attention_mask has no real token")
+    if pooling == "mean":
+        w = mask.to(hidden.dtype)[..., None]
+        return (hidden * w).sum(1) / w.sum(1)
+    slots = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    if pooling == "last":
+        idx = torch.where(mask, slots, -1).amax(1)
+    else:
+        idx = torch.where(mask, slots, mask.shape[1]).amin(1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
 
 
 def scatter_features(
@@ -335,21 +385,95 @@ class VLM(nn.Module):
             )
         return feats
 
-    def encode_image(self, pixel_values: Tensor | dict, **extra) -> ImageFeatures:
-        """Image features ``[N_images, N_tokens, D]`` (+ spatial grid) in the LM embedding space.
+    def encode_image(self, pixel_values: Tensor | dict, *, layer: int | None = None, **extra) -> ImageFeatures:
+        """Image features with their spatial grid (``.spatial()`` -> ``[N_images, rows, cols, D]``).
 
-        Accepts ``pixel_values`` or a processor batch dict holding it.
+        Accepts ``pixel_values`` or a processor batch dict holding it (text keys are ignored).
+
+        Args:
+            layer: None (default): the features the language model sees, in its embedding space (after the
+                connector). An int: the vision tower's own hidden states before the connector, indexed like
+                HF's ``hidden_states`` (0 = the embeddings, ``k`` = output of block ``k``, -1 = the last block,
+                before any final norm), with class / register tokens dropped; the tower stops at that layer.
+                Tokens follow the tower's patch grid: per image (or tile / view, as the family's vision tower
+                sees them), row-major; Qwen-VL gives ``[1, patches, D]`` with per-image ``counts`` / ``grids``.
         """
         if isinstance(pixel_values, dict):
-            extra = {k: v for k, v in pixel_values.items() if k not in ("input_ids", "attention_mask", "pixel_values")}
+            extra = {k: v for k, v in pixel_values.items()
+                     if k not in ("input_ids", "attention_mask", "pixel_values", "token_type_ids", "labels")}
             pixel_values = pixel_values["pixel_values"]
-        return self.image_features(pixel_values.to(self.dtype), **extra)
+        pixel_values = pixel_values.to(self.dtype)
+        if layer is None:
+            return self.image_features(pixel_values, **extra)
+        return self.vision_layer_features(pixel_values, layer, **extra)
 
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Final (normed) decoder hidden states ``[B, T, D]`` of a text-only input."""
-        inputs = self.prepare_inputs(input_ids, attention_mask)
-        hidden, _ = self.language_model.model(inputs.embeds, inputs.positions, **inputs.decoder_kwargs())
-        return hidden
+    def vision_layer_features(self, pixel_values: Tensor, layer: int, **extra) -> ImageFeatures:
+        """The vision tower's hidden states at ``layer`` (see :meth:`encode_image`), taken with a hook on the
+        tower's ``feature_blocks`` while the family's own :meth:`image_features` runs (so tiling, masks and
+        grids are the family's), laid out by :meth:`vision_layout`."""
+        blocks = getattr(self.vision_tower, "feature_blocks", None)
+        if blocks is None:
+            raise ConfigError(f"{type(self).__name__}: its vision tower does not expose feature_blocks; "
+                              "encode_image(layer=...) needs them")
+        n = len(blocks) + 1
+        if not isinstance(layer, int) or not -n <= layer < n:
+            raise ValueError(f"encode_image: layer must be an int in [{-n}, {n - 1}] for a vision tower with "
+                             f"{n - 1} blocks, got {layer!r}")
+        k = layer % n
+
+        def tap(module, args, output=None):
+            raise _Tapped(args[0] if k == 0 else output)
+
+        handle = (blocks[0].register_forward_pre_hook(tap) if k == 0
+                  else blocks[k - 1].register_forward_hook(tap))
+        try:
+            self.image_features(pixel_values, **extra)
+        except _Tapped as t:
+            return self.vision_layout(t.value, pixel_values, **extra)
+        finally:
+            handle.remove()
+        raise RuntimeError(f"{type(self).__name__}: vision layer {layer} was not reached")
+
+    def vision_layout(self, hidden: Tensor, pixel_values: Tensor, **extra) -> ImageFeatures:
+        """A tapped vision block output -> :class:`ImageFeatures`. ``[B, C, H, W]`` maps become ``H * W``
+        tokens; ``[B, N, D]`` token sequences lose the leading non-patch tokens (CLS) when the tower's patch
+        grid (pixels / ``patch_size``) accounts for the rest. Families with packed patches override (Qwen-VL)."""
+        if hidden.dim() == 4:
+            return ImageFeatures(tokens=hidden.flatten(2).transpose(1, 2), grid=tuple(hidden.shape[-2:]))
+        patch = getattr(getattr(self.vision_tower, "config", None), "patch_size", None)
+        if patch:
+            rows, cols = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+            prefix = hidden.shape[1] - rows * cols
+            if prefix >= 0:
+                return ImageFeatures(tokens=hidden[:, prefix:], grid=(rows, cols))
+        return ImageFeatures(tokens=hidden)
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                      pixel_values: Tensor | None = None, *, layer: int = -1, **extra) -> Tensor:
+        """Decoder hidden states ``[B, T, D]`` of a prompt (with its images when ``pixel_values`` is given).
+
+        ``layer`` indexes like HF's ``hidden_states``: 0 = the input embeddings, ``k`` = output of layer ``k``,
+        -1 (default) = the final normed output."""
+        inputs = self.prepare_inputs(input_ids, attention_mask, pixel_values, **extra)
+        want_all = layer != -1
+        hidden, states = self.language_model.model(inputs.embeds, inputs.positions, output_hidden_states=want_all,
+                                                   **inputs.decoder_kwargs())
+        if not want_all:
+            return hidden
+        if not -len(states) <= layer < len(states):
+            raise ValueError(f"layer must be in [{-len(states)}, {len(states) - 1}], got {layer}")
+        return states[layer]
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, pooling: str = "none",
+                    layer: int = -1, **inputs) -> Tensor:
+        """Hidden states of a text input: ``[B, T, D]`` (``pooling="none"``) or pooled ``[B, D]`` over the real
+        tokens of ``attention_mask`` (``"mean"``, ``"last"``, ``"first"``; left or right padding, see
+        :func:`pool_hidden`). ``layer`` as in :meth:`hidden_states` (default: the final normed output);
+        ``inputs`` (``pixel_values`` ...) make it a multimodal prompt."""
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got '{pooling}'")
+        hidden = self.hidden_states(input_ids, attention_mask, layer=layer, **inputs)
+        return pool_hidden(hidden, attention_mask, pooling)
 
     def rope_positions(self, input_ids: Tensor, attention_mask: Tensor, **extra) -> Tensor:
         """Rope positions ``[B, T]`` of a prompt: real tokens count up from :attr:`position_offset`, left

@@ -305,14 +305,59 @@ class Trainer:
                                              max_length=max_len, truncate=cfg.truncate, media_token_ids=media)
                          if cfg.val else None)
 
+        self._setup_optimizer(parts)
+
+    #: ``collate_fn(dataset, indices) -> batch``; :meth:`for_model` sets another per instance
+    collate_fn = staticmethod(collate)
+    #: ``save_fn(folder)`` writing the final model (set by :meth:`for_model`; None: the VLM / adapter export)
+    save_fn = None
+
+    @classmethod
+    def for_model(cls, cfg: FinetuneConfig, model: nn.Module, train_data, *, collate_fn, val_data=None,
+                  parts: dict[str, str] | None = None, save_fn=None) -> "Trainer":
+        """A trainer for any module (e.g. :class:`torchvlm.heads.VLA` or a segmentation model) with the same
+        loop, optimizer groups, schedule, progress bar, log, checkpoints and resume as :func:`finetune`.
+
+        ``model(**batch)`` must return an object with ``.loss``; ``collate_fn(train_data, indices)`` builds a
+        batch (a dict of tensors with an ``attention_mask`` when there are tokens to count); ``parts`` maps
+        parameter names to optimizer groups (``vision`` / ``connector`` / ``language`` take ``vision_lr`` /
+        ``connector_lr`` / ``lr``; any other group name, e.g. ``head``, takes ``cfg.extra["<name>_lr"]`` or
+        ``lr``; unnamed parameters go to ``language``); ``save_fn(folder)`` writes ``OUTPUT/final``. Only the
+        parameters with ``requires_grad`` train. ``cfg.model`` / ``cfg.data`` are only recorded (and compared
+        on resume); ``cfg.mode`` is ignored."""
+        cfg.check()
+        require_train_extra("tqdm")
+        self = cls.__new__(cls)
+        self.cfg = cfg
+        self.out = Path(cfg.output)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.out / LOG_FILE
+        self.device = torch.device(cfg.device)
+        from ..models.base import parse_dtype
+
+        self.dtype = parse_dtype(cfg.dtype)
+        self.source, self.processor, self.wrapper = None, None, None
+        self.model = model.to(self.device).train()
+        self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.trainable:
+            raise ConfigError("Trainer.for_model: the model has no trainable parameter")
+        self.train_data, self.val_data = train_data, val_data
+        self.collate_fn, self.save_fn = collate_fn, save_fn
+        self._setup_optimizer(parts or {})
+        return self
+
+    def _setup_optimizer(self, parts: dict[str, str]) -> None:
+        cfg = self.cfg
         lrs = {"language": cfg.lr, "vision": cfg.vision_lr if cfg.vision_lr is not None else cfg.lr,
                "connector": cfg.connector_lr if cfg.connector_lr is not None else cfg.lr}
         groups: dict[str, list] = {}
         for n, p in self.trainable.items():
             groups.setdefault(_part_of(n, parts), []).append(p)
-        self.group_names = [g for g in ("vision", "connector", "language") if g in groups]
+        known = ("vision", "connector", "language")
+        self.group_names = [g for g in known if g in groups] + sorted(g for g in groups if g not in known)
         self.optimizer = torch.optim.AdamW(
-            [{"params": groups[g], "lr": lrs[g], "name": g} for g in self.group_names],
+            [{"params": groups[g], "lr": lrs.get(g, cfg.extra.get(f"{g}_lr", cfg.lr)), "name": g}
+             for g in self.group_names],
             lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.batches_per_epoch = math.ceil(len(self.train_data) / cfg.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum)
@@ -393,8 +438,8 @@ class Trainer:
         with torch.no_grad():
             for i in range(0, len(self.val_data), self.cfg.batch_size):
                 idx = list(range(i, min(i + self.cfg.batch_size, len(self.val_data))))
-                batch = _to(collate(self.val_data, idx), self.device)
-                n = int((batch["labels"][:, 1:] != -100).sum())
+                batch = _to(self.collate_fn(self.val_data, idx), self.device)
+                n = int((batch["labels"][:, 1:] != -100).sum()) if "labels" in batch else len(idx)
                 with self.autocast():
                     loss = self.model(**batch).loss
                 total, count = total + float(loss) * n, count + n
@@ -407,8 +452,8 @@ class Trainer:
         t0 = time.perf_counter()
         losses, tokens = [], 0
         for idx in window:
-            batch = _to(collate(self.train_data, idx), self.device)
-            tokens += int(batch["attention_mask"].sum())
+            batch = _to(self.collate_fn(self.train_data, idx), self.device)
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(idx)
             with self.autocast():
                 loss = self.model(**batch).loss
             self.scaler.scale(loss / len(window)).backward()
@@ -473,7 +518,10 @@ class Trainer:
     def finish(self, last: dict) -> dict:
         cfg = self.cfg
         result: dict[str, Any] = {"step": self.step, "output": str(self.out), **last, "merged": None}
-        if self.wrapper is not None:
+        if self.save_fn is not None:
+            self.model.eval()
+            result["final"] = str(_atomic_dir(self.out, "final", self.save_fn))
+        elif self.wrapper is not None:
             result["final"] = str(_atomic_dir(self.out, "final", lambda d: (
                 save_adapter(self.wrapper, d, base_model=str(self.source)), self.processor.save_pretrained(d))))
             if cfg.merge:

@@ -241,6 +241,12 @@ class DaViT(nn.Module):
             nn.ModuleList(DaViTBlock(cfg, i) for _ in range(depth)) for i, depth in enumerate(cfg.depths)
         )
 
+    @property
+    def feature_blocks(self) -> list[nn.Module]:
+        """Every block of every stage, in order (each outputs a ``[B, C, H, W]`` map; the grid shrinks from
+        stage to stage)."""
+        return [block for stage in self.blocks for block in stage]
+
     def forward(self, pixel_values: Tensor) -> Tensor:
         x = pixel_values.to(self.convs[0].conv.weight.dtype)
         for conv, stage in zip(self.convs, self.blocks):

@@ -224,6 +224,11 @@ class InternVisionTransformer(nn.Module):
         if not cfg.use_mean_pooling:
             self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
+    @property
+    def feature_blocks(self) -> list[nn.Module]:
+        """The encoder layers in order (:meth:`torchvlm.models.base.VLM.encode_image` taps them with ``layer=``)."""
+        return list(self.encoder.layer)
+
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
         """Random initialisation as HF's: normal(std) weights, zero biases, unit norms, zero CLS / positions,

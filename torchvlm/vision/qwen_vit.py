@@ -487,6 +487,25 @@ class QwenVisionTransformer(nn.Module):
                 out = term if out is None else out + term
         return out
 
+    @property
+    def feature_blocks(self) -> list[nn.Module]:
+        """The blocks in order (:meth:`torchvlm.models.base.VLM.encode_image` taps them with ``layer=``)."""
+        return list(self.blocks)
+
+    def patch_major(self, hidden: Tensor, grid_thw: Tensor) -> Tensor:
+        """Per-patch states ``[total patches, D]`` as a block sees them (merge-block order, window order when
+        the tower uses windows) -> inputs in ``grid_thw`` order, each frame-major then row-major over its
+        ``(h, w)`` patch grid."""
+        cfg, m = self.config, self.config.spatial_merge_size
+        grid_thw = grid_thw.to(device=hidden.device, dtype=torch.long).reshape(-1, 3)
+        frame, row, col, height, width = _patch_layout(grid_thw, m)
+        if any(cfg.uses_window(i) for i in range(cfg.depth)):
+            perm, _ = _window_order(frame, row, col, width, m, cfg.window_tokens)
+            hidden = hidden.reshape(-1, m * m, hidden.shape[-1])[torch.argsort(perm)].reshape(hidden.shape)
+        side = int((height * width).max()) + 1
+        key = frame * side + row * width + col
+        return hidden[torch.argsort(key)]
+
     def forward(self, pixel_values: Tensor, grid_thw: Tensor) -> QwenVisionOutput:
         """Encode packed patches ``pixel_values [total patches, C * Tp * P * P]`` described by
         ``grid_thw [n, 3]`` (t, h, w in patches per image or video)."""

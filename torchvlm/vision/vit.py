@@ -254,6 +254,11 @@ class VisionTransformer(nn.Module):
         if cfg.use_head:
             self.head = AttentionPoolingHead(cfg)
 
+    @property
+    def feature_blocks(self) -> list[nn.Module]:
+        """The encoder layers in order (:meth:`torchvlm.models.base.VLM.encode_image` taps them with ``layer=``)."""
+        return list(self.encoder.layers)
+
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
         """Random initialisation (for tests and training from scratch): normal(std) weights, zero biases,

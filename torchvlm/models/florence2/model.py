@@ -188,9 +188,12 @@ class Florence2Model(VLM):
         key_valid = None if bool(valid.all()) else valid
         return self.language_model.encoder(embeds, key_valid), key_valid
 
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Encoder hidden states ``[B, T, D]`` of a text-only prompt."""
-        return self.encode(input_ids, attention_mask)[0]
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                      pixel_values: Tensor | None = None, *, layer: int = -1, **extra) -> Tensor:
+        """Encoder hidden states ``[B, T, D]`` of a prompt (the encoder's output; ``layer`` must be -1)."""
+        if layer != -1:
+            raise ValueError("Florence-2: hidden_states / encode_text give the encoder output only (layer=-1)")
+        return self.encode(input_ids, attention_mask, pixel_values, **extra)[0]
 
     def prepare_inputs(self, *args, **kwargs):
         raise GenerationError("Florence-2 is an encoder-decoder: use encode() / forward() / generate(); the "

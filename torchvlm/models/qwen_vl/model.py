@@ -107,6 +107,15 @@ class QwenVLModel(VLM):
         return ImageFeatures(tokens=out.tokens[None], counts=counts, grids=grids,
                              deepstack=tuple(d[None] for d in out.deepstack))
 
+    def vision_layout(self, hidden: Tensor, pixel_values: Tensor, image_grid_thw: Tensor | None = None,
+                      **extra) -> ImageFeatures:
+        """Tapped per-patch states -> ``tokens [1, patches, D]`` row-major per image, with ``counts`` and
+        ``grids`` (before the merger, so the grid is the patch grid, not the merged one)."""
+        grid = self._grid(image_grid_thw, "image_grid_thw", pixel_values)
+        tokens = self.vision_tower.patch_major(hidden, grid)
+        return ImageFeatures(tokens=tokens[None], counts=grid.prod(-1).tolist(),
+                             grids=[tuple(int(v) for v in g) for g in grid.tolist()])
+
     def _grid(self, grid_thw: Tensor | None, name: str, pixels: Tensor) -> Tensor:
         if grid_thw is None:
             raise ProcessorError(f"{name} is required with the pixels of a {type(self).__name__} "
