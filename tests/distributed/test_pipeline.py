@@ -130,10 +130,10 @@ def test_pipeline_outside_torchrun_says_how_to_launch(big_llava, monkeypatch):
     assert wrong.returncode != 0 and "3 stages need 3 processes, but torchrun started 2" in wrong.stderr
 
 
-def _launch(out, n, victim_env=None):
+def _launch(out, n, timeout=20):
     """Ranks started directly (no torchrun, so that nothing else kills them), rank 0 generating forever."""
     port = free_port()
-    return [subprocess.Popen([sys.executable, SCRIPT, str(out[0]), str(out[1]), "--hang", "--timeout", "20"],
+    return [subprocess.Popen([sys.executable, SCRIPT, str(out[0]), str(out[1]), "--hang", "--timeout", str(timeout)],
                              env=child_env(RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r),
                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(n)]
@@ -165,6 +165,27 @@ def test_killing_a_stage_ends_the_others_with_an_error_naming_it(big_llava, tmp_
     for r in (0, 2):
         assert procs[r].returncode not in (0, None)
         assert "pipeline stage 1 (rank 1)" in outs[r], outs[r][-2000:]
+
+
+def test_a_hung_stage_fails_the_driver_within_the_timeout(big_llava, tmp_path):
+    procs = _launch((big_llava, tmp_path), 2, timeout=5)
+    pid = None
+    try:
+        _wait_ready(tmp_path, procs)
+        pid = int((tmp_path / "pid1").read_text())
+        os.kill(pid, signal.SIGSTOP)  # alive (its sockets open) but silent
+        t0 = time.monotonic()
+        out, _ = procs[0].communicate(timeout=60)
+        elapsed = time.monotonic() - t0
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert procs[0].returncode not in (0, None) and elapsed < 5 + 10, elapsed
+    assert "pipeline stage 1 (rank 1): no answer within the timeout" in out, out[-2000:]
 
 
 def test_torchrun_job_fails_fast_when_a_rank_is_killed(big_llava, tmp_path):

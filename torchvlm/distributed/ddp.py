@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..train.finetune import FinetuneConfig, Trainer, _lr_lambda, _to
-from .launch import init_distributed, rank_device, require_env, shutdown
+from .launch import LOAD_TIMEOUT, init_distributed, rank_device, require_env, shutdown
 
 __all__ = ["DDPTrainer"]
 
@@ -41,7 +41,7 @@ class DDPTrainer(Trainer):
     def __init__(self, cfg: FinetuneConfig):
         env = require_env("data-parallel fine-tuning")
         device = rank_device(cfg.device, env)
-        init_distributed(device)
+        init_distributed(device, timeout=LOAD_TIMEOUT)  # the others wait while rank 0 writes a checkpoint
         self.env, self.world, self.rank = env, env.world_size, env.rank
         self.is_main = env.is_main
         if not self.is_main:

@@ -18,8 +18,10 @@ from ..errors import ConfigError, TorchVLMError
 
 __all__ = ["DistEnv", "PipelineError", "dist_env", "init_distributed", "rank_device", "shutdown"]
 
-#: default seconds a rank waits for a peer before giving up (process-group timeout)
+#: default seconds a pipeline stage waits for a peer before giving up
 DEFAULT_TIMEOUT = 60.0
+#: seconds ranks wait for each other around slow phases: loading a stage, rank 0 writing a checkpoint (DDP)
+LOAD_TIMEOUT = 1800.0
 
 
 class PipelineError(TorchVLMError):

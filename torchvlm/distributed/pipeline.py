@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError, GenerationError
 from ..nn.kv_cache import KVCache
-from .launch import DEFAULT_TIMEOUT, DistEnv, PipelineError, init_distributed, rank_device, require_env, shutdown
+from .launch import (DEFAULT_TIMEOUT, LOAD_TIMEOUT, DistEnv, PipelineError, init_distributed, rank_device,
+                     require_env, shutdown)
 
 __all__ = ["plan_split", "parse_split", "Pipeline", "load_pipeline", "pipeline_generate", "pipeline_engine",
            "StageCache", "PipelineLM"]
@@ -586,7 +587,7 @@ class Pipeline:
             self._driver.close()
             self._failure = self._driver.failure
             self._driver = None
-            if self._failure is not None:  # a broken group cannot be torn down cleanly; the process is about to exit anyway
+            if self._failure is not None:  # a broken group cannot be torn down cleanly (the process exits next)
                 return
         shutdown()
 
@@ -634,7 +635,9 @@ def load_pipeline(model_id: str, *, stages: int | None = None, split: list[int] 
     layers = plan_split(per_layer, n, first_extra=first, last_extra=last, split=split)
 
     # the checks are done: join the group (a wrong world size or launch has failed above, on every rank)
-    init_distributed(device, timeout=timeout)
+    # the default group only sees the start and the barrier after loading (a big stage may load for minutes);
+    # every pipeline message goes through the two groups below, with the short timeout
+    init_distributed(device, timeout=max(timeout, LOAD_TIMEOUT))
     import torch.distributed as dist
 
     all_ranks = list(range(n))

@@ -57,6 +57,8 @@ def add_train_parsers(sub) -> None:
     o.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="fp32",
                    help="compute dtype (autocast; fp32 master weights)")
     o.add_argument("--device", default="cpu")
+    o.add_argument("--fsdp", action="store_true",
+                   help="not supported yet: under torchrun fine-tuning is data-parallel (DDP), see docs/distributed.md")
     o.add_argument("--gradient-checkpointing", action="store_true", help="recompute decoder layers in backward")
     o.add_argument("--max-length", type=int, default=None, help="most tokens per sample (default: the model's)")
     o.add_argument("--truncate", action="store_true", help="cut longer samples instead of refusing them")
@@ -101,6 +103,11 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
     """Run ``torchvlm finetune``; prints the result as JSON."""
     from .finetune import FinetuneConfig, finetune
 
+    if getattr(ns, "fsdp", False):
+        from ..errors import ConfigError
+
+        raise ConfigError("--fsdp: sharded (FSDP) fine-tuning is not supported yet; under torchrun torchvlm finetune "
+                          "runs data-parallel (DDP), each rank holding the whole model (docs/distributed.md)")
     fields = set(FinetuneConfig.__dataclass_fields__) - {"extra"}
     cfg = FinetuneConfig(**{k: v for k, v in vars(ns).items() if k in fields})
     result = finetune(cfg)
