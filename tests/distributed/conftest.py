@@ -35,3 +35,23 @@ def big_llava(tmp_path_factory):
     transformers.LlavaForConditionalGeneration(cfg).save_pretrained(path, max_shard_size="60MB")
     tiny.save_llava_processor(path, image_size=32, patch_size=8)
     return path
+
+
+@pytest.fixture(scope="session")
+def tied_qwen2(tmp_path_factory):
+    """A random text-only Qwen2 (5 layers) with tied embeddings: the last stage holds a copy of them."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    import tiny
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("qwen2_tied")
+    tok = tiny.make_tokenizer(kind="gemma")
+    cfg = transformers.Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=5, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=256, pad_token_id=tok.pad_token_id,
+                                   eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                                   tie_word_embeddings=True, initializer_range=0.1)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

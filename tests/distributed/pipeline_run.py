@@ -31,6 +31,7 @@ def main() -> int:
     ap.add_argument("--micro-batches", type=int, default=None)
     ap.add_argument("--max-new-tokens", type=int, default=6)
     ap.add_argument("--timeout", type=float, default=30)
+    ap.add_argument("--text", action="store_true", help="text-only prompts (prompts.TEXTS)")
     ap.add_argument("--hang", action="store_true", help="rank 0: generate forever (the failure tests kill a rank)")
     args = ap.parse_args()
 
@@ -57,7 +58,7 @@ def main() -> int:
     out = Path(args.out)
     try:
         if pipe.is_driver:
-            batch = prompts.batch(pipe.processor)
+            batch = (prompts.text_batch if args.text else prompts.batch)(pipe.processor)
             (out / "ready").write_text("1")
             while True:
                 gen = pipeline_generate(pipe.model, **batch, micro_batches=args.micro_batches,

@@ -14,3 +14,11 @@ def batch(processor) -> dict:
     images = [Image.new("RGB", (32 + 8 * i, 32), c) for i, c in enumerate(COLOURS)]
     messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}] for q in QUESTIONS]
     return dict(processor(messages=messages, images=[[im] for im in images]))
+
+
+TEXTS = ["The quick brown fox", "Hello", "What is the capital of France? The"]
+
+
+def text_batch(processor) -> dict:
+    """A left-padded batch of 3 text-only prompts."""
+    return dict(processor(text=TEXTS, padding_side="left"))

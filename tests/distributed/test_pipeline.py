@@ -84,6 +84,20 @@ def test_pipeline_matches_one_process_and_each_rank_holds_its_share(big_llava, r
         assert grown < total * (0.75 if n == 2 else 0.6)
 
 
+def test_text_model_with_tied_embeddings_over_three_stages(tied_qwen2, tmp_path):
+    import prompts
+
+    import torchvlm
+    from torchvlm.generation.loop import generate
+
+    model, processor = torchvlm.load(tied_qwen2, dtype="fp32")
+    want = generate(model, **prompts.text_batch(processor), max_new_tokens=6).sequences.tolist()
+    assert len({tuple(r) for r in want}) == 3
+    proc = run(torchrun(3, SCRIPT, str(tied_qwen2), str(tmp_path), "--text", "--micro-batches", "2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _results(tmp_path, 3)[0]["sequences"] == want
+
+
 def test_cli_generate_under_torchrun_prints_the_single_process_answer(big_llava, tmp_path):
     from PIL import Image
 
