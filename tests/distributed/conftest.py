@@ -1,5 +1,5 @@
 """Fixtures of tests/distributed: a random LLaVA whose weights dominate a process's memory (16 decoder layers,
-about 200 MB in float32). Launch helpers are in dist_util.py."""
+about 330 MB in float32). Launch helpers are in dist_util.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ sys.path.insert(0, str(HERE))
 
 @pytest.fixture(scope="session")
 def big_llava(tmp_path_factory):
-    """A random LLaVA-1.5 checkpoint (tiny CLIP tower, a 16-layer Llama of hidden size 512)."""
+    """A random LLaVA-1.5 checkpoint (tiny CLIP tower, a 16-layer Llama of hidden size 640)."""
     transformers = pytest.importorskip("transformers")
     import torch
 
@@ -26,7 +26,7 @@ def big_llava(tmp_path_factory):
     cfg = transformers.LlavaConfig(
         vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                     num_attention_heads=4, image_size=32, patch_size=8),
-        text_config=transformers.LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=16,
+        text_config=transformers.LlamaConfig(hidden_size=640, intermediate_size=2048, num_hidden_layers=16,
                                              num_attention_heads=8, num_key_value_heads=4, vocab_size=256,
                                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                              bos_token_id=tok.bos_token_id, initializer_range=0.2),

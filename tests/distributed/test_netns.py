@@ -49,20 +49,20 @@ def two_hosts():
         _ip("netns", "del", b)
 
 
-def test_two_stages_in_separate_network_namespaces(big_llava, two_hosts, tmp_path):
+def test_two_stages_in_separate_network_namespaces(tied_qwen2, two_hosts, tmp_path):
     import prompts
 
     import torchvlm
     from torchvlm.generation.loop import generate
 
-    model, processor = torchvlm.load(big_llava, dtype="fp32")
-    want = generate(model, **prompts.batch(processor), max_new_tokens=6).sequences.tolist()
+    model, processor = torchvlm.load(tied_qwen2, dtype="fp32")
+    want = generate(model, **prompts.text_batch(processor), max_new_tokens=6).sequences.tolist()
     (ns_a, if_a, addr_a), (ns_b, if_b, _) = two_hosts
     procs = []
     for rank, (ns, ifname) in enumerate(((ns_a, if_a), (ns_b, if_b))):
         cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
                "--nproc-per-node=1", f"--node-rank={rank}", f"--master-addr={addr_a}", "--master-port=29611",
-               "--max-restarts=0", SCRIPT, str(big_llava), str(tmp_path)]
+               "--max-restarts=0", SCRIPT, str(tied_qwen2), str(tmp_path), "--text"]
         # gloo binds to the veth (the namespace's only route to the other host)
         procs.append(subprocess.Popen(cmd, env=child_env(GLOO_SOCKET_IFNAME=ifname), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))

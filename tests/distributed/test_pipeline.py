@@ -80,8 +80,9 @@ def test_pipeline_matches_one_process_and_each_rank_holds_its_share(big_llava, r
         grown = (rec["peak_rss_kb"] - rec["rss_before_kb"]) * 1024
         print(f"{n} stages, rank {r}: peak RSS +{grown / MB:.0f} MB for {share[r] / MB:.0f} MB of its weights "
               f"(whole model {total / MB:.0f} MB); run {time.monotonic() - t0:.1f}s")
-        assert grown <= share[r] + 48 * MB, (r, grown / MB, share[r] / MB)
-        assert grown < total * (0.75 if n == 2 else 0.6)
+        # its weights plus a fixed overhead (rank 0: the processor, images and the generate loop's state)
+        assert grown <= share[r] + (64 if r == 0 else 48) * MB, (r, grown / MB, share[r] / MB)
+        assert grown < share[r] + (total - share[r]) / 2  # far nearer its share than the whole model
 
 
 def test_text_model_with_tied_embeddings_over_three_stages(tied_qwen2, tmp_path):
@@ -98,18 +99,20 @@ def test_text_model_with_tied_embeddings_over_three_stages(tied_qwen2, tmp_path)
     assert _results(tmp_path, 3)[0]["sequences"] == want
 
 
-def test_cli_generate_under_torchrun_prints_the_single_process_answer(big_llava, tmp_path):
+def test_cli_generate_under_torchrun_prints_the_single_process_answer(big_llava, tmp_path, capsys):
     from PIL import Image
 
     image = tmp_path / "red.png"
     Image.new("RGB", (40, 32), (200, 30, 30)).save(image)
     common = ["generate", "--model", str(big_llava), "--image", str(image), "--prompt", "What is shown?",
               "--max-new-tokens", "8", "--dtype", "fp32"]
-    single = run([sys.executable, "-m", "torchvlm.cli", *common])
-    assert single.returncode == 0, single.stderr[-2000:]
+    from torchvlm.cli import main
+
+    assert main(common) == 0
+    single = capsys.readouterr().out
     piped = run(torchrun(2, "-m", "torchvlm.cli", *common, "--pipeline-stages", "2", "--pipeline-split", "5,11"))
     assert piped.returncode == 0, piped.stderr[-3000:]
-    assert piped.stdout == single.stdout and single.stdout.strip()  # only rank 0 prints
+    assert piped.stdout == single and single.strip()  # only rank 0 prints
 
 
 def test_bad_input_is_named():
@@ -129,17 +132,17 @@ def test_bad_input_is_named():
     assert [len(r) for r in plan_split([10] * 9, 3, last_extra=30)] == [4, 4, 1]
 
 
-def test_pipeline_outside_torchrun_says_how_to_launch(big_llava, monkeypatch):
+def test_pipeline_outside_torchrun_says_how_to_launch(tied_qwen2, monkeypatch):
     from torchvlm.distributed.pipeline import load_pipeline
 
     for k in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
     with pytest.raises(ConfigError, match="torchrun"):
-        load_pipeline(big_llava, stages=2)
-    proc = run([sys.executable, "-m", "torchvlm.cli", "generate", "--model", str(big_llava), "--prompt", "hi",
+        load_pipeline(tied_qwen2, stages=2)
+    proc = run([sys.executable, "-m", "torchvlm.cli", "generate", "--model", str(tied_qwen2), "--prompt", "hi",
                 "--pipeline-stages", "2"], timeout=60)
     assert proc.returncode == 2 and "torchrun" in proc.stderr and "Traceback" not in proc.stderr
-    wrong = run(torchrun(2, "-m", "torchvlm.cli", "generate", "--model", str(big_llava), "--prompt", "hi",
+    wrong = run(torchrun(2, "-m", "torchvlm.cli", "generate", "--model", str(tied_qwen2), "--prompt", "hi",
                          "--pipeline-stages", "3"), timeout=60)
     assert wrong.returncode != 0 and "3 stages need 3 processes, but torchrun started 2" in wrong.stderr
 
@@ -147,7 +150,8 @@ def test_pipeline_outside_torchrun_says_how_to_launch(big_llava, monkeypatch):
 def _launch(out, n, timeout=20):
     """Ranks started directly (no torchrun, so that nothing else kills them), rank 0 generating forever."""
     port = free_port()
-    return [subprocess.Popen([sys.executable, SCRIPT, str(out[0]), str(out[1]), "--hang", "--timeout", str(timeout)],
+    return [subprocess.Popen([sys.executable, SCRIPT, str(out[0]), str(out[1]), "--text", "--hang", "--timeout",
+                              str(timeout)],
                              env=child_env(RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r),
                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(n)]
@@ -161,8 +165,8 @@ def _wait_ready(out, procs, limit=90):
     time.sleep(1.0)  # a few generate steps in flight
 
 
-def test_killing_a_stage_ends_the_others_with_an_error_naming_it(big_llava, tmp_path):
-    procs = _launch((big_llava, tmp_path), 3)
+def test_killing_a_stage_ends_the_others_with_an_error_naming_it(tied_qwen2, tmp_path):
+    procs = _launch((tied_qwen2, tmp_path), 3)
     try:
         _wait_ready(tmp_path, procs)
         os.kill(int((tmp_path / "pid1").read_text()), signal.SIGKILL)
@@ -181,8 +185,8 @@ def test_killing_a_stage_ends_the_others_with_an_error_naming_it(big_llava, tmp_
         assert "pipeline stage 1 (rank 1)" in outs[r], outs[r][-2000:]
 
 
-def test_a_hung_stage_fails_the_driver_within_the_timeout(big_llava, tmp_path):
-    procs = _launch((big_llava, tmp_path), 2, timeout=5)
+def test_a_hung_stage_fails_the_driver_within_the_timeout(tied_qwen2, tmp_path):
+    procs = _launch((tied_qwen2, tmp_path), 2, timeout=5)
     pid = None
     try:
         _wait_ready(tmp_path, procs)
@@ -202,8 +206,8 @@ def test_a_hung_stage_fails_the_driver_within_the_timeout(big_llava, tmp_path):
     assert "pipeline stage 1 (rank 1): no answer within the timeout" in out, out[-2000:]
 
 
-def test_torchrun_job_fails_fast_when_a_rank_is_killed(big_llava, tmp_path):
-    proc = subprocess.Popen(torchrun(2, SCRIPT, str(big_llava), str(tmp_path), "--hang", "--timeout", "20"),
+def test_torchrun_job_fails_fast_when_a_rank_is_killed(tied_qwen2, tmp_path):
+    proc = subprocess.Popen(torchrun(2, SCRIPT, str(tied_qwen2), str(tmp_path), "--text", "--hang", "--timeout", "20"),
                             env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_ready(tmp_path, [proc])
