@@ -231,3 +231,5 @@ def test_stage_cache_is_used_whole():
     assert cache.rows(slice(0, 2)) is cache
     with pytest.raises(GenerationError, match="used whole"):
         cache.rows(0)
+    with pytest.raises(GenerationError, match="beam search"):
+        cache.k = [k.index_select(0, torch.tensor([1, 0])) for k in cache.k]

@@ -193,7 +193,7 @@ class StageCache(KVCache):
     def __init__(self, cid: int, num_layers: int, layer_ids: range, batch_size: int, max_len: int,
                  num_kv_heads: int, head_dim: int, *, dtype: torch.dtype, device: torch.device | str = "cpu"):
         shape = (batch_size, num_kv_heads, max_len, head_dim)
-        empty = torch.empty(0, dtype=dtype, device=device)
+        empty = torch.empty(batch_size, 0, 0, 0, dtype=dtype, device=device)  # other stages' layers
         self.k = [torch.zeros(shape, dtype=dtype, device=device) if i in layer_ids else empty
                   for i in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) if i in layer_ids else empty
@@ -201,6 +201,28 @@ class StageCache(KVCache):
         self.max_len, self.cid, self.batch_size = max_len, cid, batch_size
         #: whether the other stages have allocated their part (sent with the first forward)
         self.opened = False
+
+    # Beam search reorders a cache by assigning new k / v lists: the other stages' parts would not follow.
+    @property
+    def k(self) -> list[Tensor]:
+        return self._k
+
+    @k.setter
+    def k(self, value: list[Tensor]) -> None:
+        if hasattr(self, "_k"):
+            raise GenerationError("beam search (num_beams > 1) is not supported over a pipeline: the stages' caches "
+                                  "cannot be reordered from rank 0")
+        self._k = value
+
+    @property
+    def v(self) -> list[Tensor]:
+        return self._v
+
+    @v.setter
+    def v(self, value: list[Tensor]) -> None:
+        if hasattr(self, "_v"):
+            raise GenerationError("beam search (num_beams > 1) is not supported over a pipeline")
+        self._v = value
 
     def rows(self, index: int | slice) -> "StageCache":
         rows = [index] if isinstance(index, int) else list(range(self.batch_size))[index]
@@ -443,8 +465,9 @@ class PipelineTextModel(nn.Module):
                 prefix_len: Tensor | None = None, causal: bool = True, layer_adds: tuple[Tensor, ...] | None = None,
                 output_hidden_states: bool = False) -> tuple[Tensor, None]:
         if not isinstance(cache, StageCache) or output_hidden_states:
-            raise GenerationError("a pipeline-parallel model only generates (with its own KV cache); training "
-                                  "forwards, hidden states and embeddings need the whole model in one process")
+            raise GenerationError("a pipeline-parallel model only generates, through its stage caches: compile=True, "
+                                  "training forwards, hidden states and embeddings need the whole model in one "
+                                  "process")
         adds = tuple(layer_adds or ())
         h = run_layers(self.inner, self.layer_ids, inputs_embeds, positions, cache, start=start, slots=slots,
                        kv_len=kv_len, key_valid=key_valid, prefix_len=prefix_len, causal=causal, adds=adds)
@@ -458,6 +481,9 @@ class PipelineLM(nn.Module):
     """Rank 0's stand-in for :class:`~torchvlm.text.decoder.CausalLM`: ``model`` is a
     :class:`PipelineTextModel`, :meth:`new_cache` a :class:`StageCache` known to every stage, and
     :meth:`logits` the identity (the last stage computed them)."""
+
+    #: the compiled decode step (torchvlm.generation.compiled) cannot capture steps that leave the process
+    compilable = False
 
     def __init__(self, inner_lm: nn.Module, layer_ids: range, driver: _Driver):
         super().__init__()

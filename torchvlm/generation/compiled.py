@@ -33,6 +33,8 @@ _compiled: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def supported(lm) -> tuple[bool, str]:
     """Whether ``lm`` (a :class:`~torchvlm.text.decoder.CausalLM`) can decode through the compiled step."""
+    if not getattr(lm, "compilable", True):  # e.g. torchvlm.distributed.pipeline.PipelineLM
+        return False, "its decoder runs in other processes"
     if (lm.cfg.rope_scaling or {}).get("rope_type") == "dynamic":
         return False, "dynamic-NTK rope reads the longest position back each step"
     return True, ""
