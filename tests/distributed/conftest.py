@@ -55,3 +55,26 @@ def tied_qwen2(tmp_path_factory):
     transformers.Qwen2ForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def qwen3_vl_tied(tmp_path_factory):
+    """A random Qwen3-VL (3 decoder layers, DeepStack features added after layers 0 and 1, multimodal rope) with
+    tied embeddings; no processor files (tests feed prompts.qwen_vl_batch())."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("qwen3_vl")
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    cfg = transformers.Qwen3VLConfig(
+        text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, rope_parameters=rope, initializer_range=0.1),
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=64,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                           deepstack_visual_indexes=[0, 2], initializer_range=0.1),
+        image_token_id=250, video_token_id=251, vision_start_token_id=252, vision_end_token_id=253,
+        tie_word_embeddings=True)
+    transformers.Qwen3VLForConditionalGeneration(cfg).save_pretrained(path)
+    return path

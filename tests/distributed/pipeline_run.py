@@ -32,6 +32,7 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=6)
     ap.add_argument("--timeout", type=float, default=30)
     ap.add_argument("--text", action="store_true", help="text-only prompts (prompts.TEXTS)")
+    ap.add_argument("--qwen", action="store_true", help="prompts.qwen_vl_batch() (a checkpoint without processor)")
     ap.add_argument("--hang", action="store_true", help="rank 0: generate forever (the failure tests kill a rank)")
     args = ap.parse_args()
 
@@ -51,14 +52,17 @@ def main() -> int:
     del api
     before = rss_kb()
     pipe = load_pipeline(args.model, split=parse_split(args.split, int(os.environ["WORLD_SIZE"])),
-                         dtype="fp32", timeout=args.timeout)
+                         dtype="fp32", timeout=args.timeout, processor=not args.qwen)
     rank = pipe.env.rank
     (Path(args.out) / f"pid{rank}").write_text(str(os.getpid()))
     result = {"rank": rank, "rss_before_kb": before, "layers": [list(r) for r in pipe.layers]}
     out = Path(args.out)
     try:
         if pipe.is_driver:
-            batch = (prompts.text_batch if args.text else prompts.batch)(pipe.processor)
+            if args.qwen:
+                batch = prompts.qwen_vl_batch()
+            else:
+                batch = (prompts.text_batch if args.text else prompts.batch)(pipe.processor)
             (out / "ready").write_text("1")
             while True:
                 gen = pipeline_generate(pipe.model, **batch, micro_batches=args.micro_batches,

@@ -85,18 +85,22 @@ def test_pipeline_matches_one_process_and_each_rank_holds_its_share(big_llava, r
         assert grown < share[r] + (total - share[r]) / 2  # far nearer its share than the whole model
 
 
-def test_text_model_with_tied_embeddings_over_three_stages(tied_qwen2, tmp_path):
+def test_qwen3_vl_deepstack_mrope_tied_over_three_stages(qwen3_vl_tied, tmp_path):
+    """One decoder layer per stage: the DeepStack additions of layers 0 and 1 travel with the hidden states,
+    3-d rope positions go along, the last stage holds a copy of the tied embeddings."""
     import prompts
 
-    import torchvlm
     from torchvlm.generation.loop import generate
+    from torchvlm.models.base import VLM
 
-    model, processor = torchvlm.load(tied_qwen2, dtype="fp32")
-    want = generate(model, **prompts.text_batch(processor), max_new_tokens=6).sequences.tolist()
-    assert len({tuple(r) for r in want}) == 3
-    proc = run(torchrun(3, SCRIPT, str(tied_qwen2), str(tmp_path), "--text", "--micro-batches", "2"))
+    model = VLM.from_pretrained(qwen3_vl_tied, dtype=torch.float32)
+    want = generate(model, **prompts.qwen_vl_batch(), max_new_tokens=6).sequences.tolist()
+    assert len({t for row in want for t in row}) > 3
+    proc = run(torchrun(3, SCRIPT, str(qwen3_vl_tied), str(tmp_path), "--qwen"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _results(tmp_path, 3)[0]["sequences"] == want
+    res = _results(tmp_path, 3)
+    assert res[0]["layers"] == [[0], [1], [2]]
+    assert res[0]["sequences"] == want
 
 
 def test_cli_generate_under_torchrun_prints_the_single_process_answer(big_llava, tmp_path, capsys):

@@ -621,7 +621,7 @@ class Pipeline:
 def load_pipeline(model_id: str, *, stages: int | None = None, split: list[int] | None = None,
                   dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
                   timeout: float = DEFAULT_TIMEOUT, revision: str | None = None,
-                  local_files_only: bool | None = None) -> Pipeline:
+                  local_files_only: bool | None = None, processor: bool = True) -> Pipeline:
     """Join the pipeline of ``model_id`` as this torchrun rank: initialise ``torch.distributed``, plan the
     split (by memory, or ``split`` layers per stage), load only this stage's weights.
 
@@ -632,6 +632,7 @@ def load_pipeline(model_id: str, *, stages: int | None = None, split: list[int] 
         split: decoder layers per stage, e.g. ``[3, 5]`` (default: chosen by memory).
         dtype, device: as for :meth:`VLM.from_pretrained`; ``cuda`` means ``cuda:LOCAL_RANK``.
         timeout: seconds a stage waits for a peer before failing with a :class:`PipelineError`.
+        processor: rank 0 also loads the checkpoint's processor (``Pipeline.processor``; False: None).
     """
     from .. import registry
     from ..api import load_processor
@@ -692,7 +693,8 @@ def load_pipeline(model_id: str, *, stages: int | None = None, split: list[int] 
         gen_file = path / "generation_config.json"
         model.generation_config = read_json(gen_file) if gen_file.is_file() else {}
         model.pipeline = pipe
-        pipe.model, pipe.processor, pipe._driver = model, load_processor(path), driver
+        pipe.model, pipe._driver = model, driver
+        pipe.processor = load_processor(path) if processor else None
     else:
         pipe._worker = _Worker(model.language_model, layers[stage], stage, n, fwd, ret, comm, dtype)
     return pipe
@@ -740,8 +742,8 @@ def pipeline_generate(model, input_ids: Tensor, attention_mask: Tensor | None = 
         kw = {k: (v[sl] if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
         return generate(model, input_ids[sl], attention_mask[sl], **kw)
 
-    if len(slices) == 1:
-        return one(slices[0])
+    if len(slices) == 1:  # the whole batch, model inputs as given
+        return generate(model, input_ids, attention_mask, **kwargs)
     with ThreadPoolExecutor(len(slices), thread_name_prefix="torchvlm-microbatch") as pool:
         outs = list(pool.map(one, slices))
     pad = kwargs.get("pad_id")
