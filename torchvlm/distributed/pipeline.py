@@ -377,6 +377,8 @@ class _Driver:
         with self.lock:
             if self.failure is not None:
                 raise self.failure
+            if self.closed:
+                raise PipelineError("the pipeline is closed")
             free, self.free = self.free, []
             msg.free = free + list(msg.free)
             try:
@@ -429,15 +431,16 @@ class _Driver:
 
     def close(self) -> None:
         """Stop the other stages (they leave their loops) and wait for the last one's goodbye."""
-        if self.closed or self.failure is not None:
+        with self.lock:  # no ping may follow the stop
+            if self.closed or self.failure is not None:
+                self.closed = True
+                return
             self.closed = True
-            return
-        try:
-            self._send(_Msg(OP_STOP))
-        except PipelineError:
-            return
-        finally:
-            self.closed = True
+            try:
+                self.fwd.send(_Msg(OP_STOP, free=self.free), 1)
+            except PipelineError as e:
+                self._fail(e)
+                return
         self.receiver.join(self.timeout)
 
 
@@ -734,6 +737,10 @@ def pipeline_generate(model, input_ids: Tensor, attention_mask: Tensor | None = 
     if parts < 1:
         raise GenerationError(f"micro_batches must be >= 1, got {parts}")
     per_row = all(not isinstance(v, Tensor) or (v.dim() > 0 and v.shape[0] == b) for v in kwargs.values())
+    image_token = getattr(model, "image_token_id", None)
+    if per_row and "pixel_values" in kwargs and image_token is not None:  # one image per row, or no split
+        counts = (input_ids == image_token).sum(1)
+        per_row = bool((counts > 0).all()) and counts.unique().numel() == 1
     slices = _split_rows(b, min(parts, b)) if per_row else [slice(0, b)]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
