@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 
-import pytest
 import torch
 
 from torchvlm import bench
