@@ -233,7 +233,9 @@ def test_padded_batch_matches_single_rows(florence):
         row = {"input_ids": batch["input_ids"][i:i + 1, :n], "attention_mask": batch["attention_mask"][i:i + 1, :n],
                "pixel_values": batch["pixel_values"][i:i + 1]}
         with torch.no_grad():
-            torch.testing.assert_close(ours(**row, decoder_input_ids=dec[:1]).logits[0], both[i], atol=1e-4, rtol=1e-4)
+            # ours against ours: a batch of 2 and a single row run GEMMs of other shapes, whose fp32 summation
+            # order differs by CPU (1.3e-4 seen on an AVX-512 EPYC); the HF parity tests keep 1e-4
+            torch.testing.assert_close(ours(**row, decoder_input_ids=dec[:1]).logits[0], both[i], atol=5e-4, rtol=1e-3)
         assert torch.equal(ours.generate(**row, max_new_tokens=10, ignore_eos=True, no_repeat_ngram_size=2)[0],
                            greedy[i])
         alone = ours.generate(**row, max_new_tokens=10, **FLORENCE_GEN)[0]
