@@ -107,3 +107,13 @@ def test_embed_cli_errors(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["embed", "-o", str(tmp_path / "n.npy")]) == 2
     assert "pass --image and/or --text" in capsys.readouterr().err
+
+
+def test_embed_cli_layer_out_of_range_is_a_clear_error(tmp_path, capsys):
+    from torchvlm.cli import main
+
+    img = _png(tmp_path)
+    assert main(["embed", "--image", img, "--image-layer", "99", "-o", str(tmp_path / "i.npy")]) == 2
+    assert "layer must be an int in" in capsys.readouterr().err
+    assert main(["embed", "--text", "x", "--text-layer", "99", "-o", str(tmp_path / "t.npy")]) == 2
+    assert "layer must be in" in capsys.readouterr().err

@@ -417,8 +417,8 @@ class VLM(nn.Module):
                               "encode_image(layer=...) needs them")
         n = len(blocks) + 1
         if not isinstance(layer, int) or not -n <= layer < n:
-            raise ValueError(f"encode_image: layer must be an int in [{-n}, {n - 1}] for a vision tower with "
-                             f"{n - 1} blocks, got {layer!r}")
+            raise ConfigError(f"encode_image: layer must be an int in [{-n}, {n - 1}] for a vision tower with "
+                              f"{n - 1} blocks, got {layer!r}")
         k = layer % n
 
         def tap(module, args, output=None):
@@ -461,7 +461,8 @@ class VLM(nn.Module):
         if not want_all:
             return hidden
         if not -len(states) <= layer < len(states):
-            raise ValueError(f"layer must be in [{-len(states)}, {len(states) - 1}], got {layer}")
+            raise ConfigError(f"layer must be in [{-len(states)}, {len(states) - 1}] for a decoder with "
+                              f"{len(states) - 1} layers, got {layer}")
         return states[layer]
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, pooling: str = "none",
