@@ -110,6 +110,39 @@ def test_vla_trains_with_the_finetune_loop_and_reloads(tmp_path):
     torch.testing.assert_close(again.predict(**inputs), vla.eval().predict(**inputs), atol=1e-5, rtol=1e-5)
 
 
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Linear(2, 1)
+
+    def forward(self, x, y):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(loss=torch.nn.functional.mse_loss(self.w(x), y))
+
+
+def test_for_model_without_save_fn_uses_save_pretrained_or_refuses_up_front(tmp_path):
+    pytest.importorskip("tqdm")
+    from torchvlm.errors import ConfigError
+    from torchvlm.train import FinetuneConfig, Trainer
+
+    data = TensorData({"x": torch.rand(4, 2), "y": torch.rand(4, 1)})
+
+    def cfg(name):
+        return FinetuneConfig(model="m", data="d", output=str(tmp_path / name), mode="full", max_steps=2,
+                              batch_size=2, progress=False)
+
+    with pytest.raises(ConfigError, match="pass save_fn="):
+        Trainer.for_model(cfg("a"), _Tiny(), data, collate_fn=TensorData.collate)
+
+    class Savable(_Tiny):
+        def save_pretrained(self, folder):
+            torch.save(self.state_dict(), f"{folder}/tiny.pt")
+
+    result = Trainer.for_model(cfg("b"), Savable(), data, collate_fn=TensorData.collate).run()
+    assert (tmp_path / "b" / "final" / "tiny.pt").is_file() and result["final"].endswith("final")
+
+
 # ------------------------------------------------------------------------------------------------ segmentation
 def test_dice_bce_and_iou():
     target = torch.zeros(2, 8, 8)

@@ -322,11 +322,15 @@ class Trainer:
         batch (a dict of tensors with an ``attention_mask`` when there are tokens to count); ``parts`` maps
         parameter names to optimizer groups (``vision`` / ``connector`` / ``language`` take ``vision_lr`` /
         ``connector_lr`` / ``lr``; any other group name, e.g. ``head``, takes ``cfg.extra["<name>_lr"]`` or
-        ``lr``; unnamed parameters go to ``language``); ``save_fn(folder)`` writes ``OUTPUT/final``. Only the
+        ``lr``; unnamed parameters go to ``language``); ``save_fn(folder)`` writes ``OUTPUT/final`` (default: ``model.save_pretrained``). Only the
         parameters with ``requires_grad`` train. ``cfg.model`` / ``cfg.data`` are only recorded (and compared
         on resume); ``cfg.mode`` is ignored."""
         cfg.check()
         require_train_extra("tqdm")
+        save_fn = save_fn if save_fn is not None else getattr(model, "save_pretrained", None)
+        if save_fn is None:
+            raise ConfigError(f"Trainer.for_model: pass save_fn= (how to write OUTPUT/final): "
+                              f"{type(model).__name__} has no save_pretrained")
         self = cls.__new__(cls)
         self.cfg = cfg
         self.out = Path(cfg.output)
