@@ -117,3 +117,12 @@ def test_embed_cli_layer_out_of_range_is_a_clear_error(tmp_path, capsys):
     assert "layer must be an int in" in capsys.readouterr().err
     assert main(["embed", "--text", "x", "--text-layer", "99", "-o", str(tmp_path / "t.npy")]) == 2
     assert "layer must be in" in capsys.readouterr().err
+
+
+def test_florence2_text_layer_is_a_torchvlm_error():
+    from torchvlm.errors import TorchVLMError
+    from torchvlm.models.florence2.model import Florence2Model
+
+    # the check comes before the model is used: the CLI (torchvlm embed --text-layer 2) prints one error line
+    with pytest.raises(TorchVLMError, match="encoder output only"):
+        Florence2Model.hidden_states(None, torch.ones(1, 2, dtype=torch.long), layer=2)

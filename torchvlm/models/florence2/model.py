@@ -192,7 +192,8 @@ class Florence2Model(VLM):
                       pixel_values: Tensor | None = None, *, layer: int = -1, **extra) -> Tensor:
         """Encoder hidden states ``[B, T, D]`` of a prompt (the encoder's output; ``layer`` must be -1)."""
         if layer != -1:
-            raise ValueError("Florence-2: hidden_states / encode_text give the encoder output only (layer=-1)")
+            raise ConfigError(f"Florence-2: hidden_states / encode_text give the encoder output only (layer=-1), "
+                              f"got layer={layer}")
         return self.encode(input_ids, attention_mask, pixel_values, **extra)[0]
 
     def prepare_inputs(self, *args, **kwargs):
