@@ -32,7 +32,8 @@ def embed(model, processor, *, images: list[Any] = (), texts: list[str] = (), im
 
     Returns ``(arrays, metadata)``. Arrays: ``image_tokens [N, T, D]`` (``image_pooling="none"``; images with
     different token counts give ``image_tokens.<i>`` ``[T_i, D]`` each) or ``image_embeds [N, D]``
-    (``"mean"``); ``text_embeds [N, D]`` (or ``text_hidden.<i>`` ``[T_i, D]`` with ``text_pooling="none"``).
+    (``"mean"``), one row per image (an image cut into tiles / views gives all their tokens, in order);
+    ``text_embeds [N, D]`` (or ``text_hidden.<i>`` ``[T_i, D]`` with ``text_pooling="none"``).
     Metadata: the settings and, for a uniform grid, ``image_grid`` ``"rows x cols"``.
     """
     if image_pooling not in ("none", "mean"):
@@ -48,9 +49,11 @@ def embed(model, processor, *, images: list[Any] = (), texts: list[str] = (), im
         for img in images:
             batch = processor(text=token, images=[img])
             feats = model.encode_image(batch, layer=image_layer)
-            per_image.extend(t.float() for t in feats.per_image())
+            # one image may be several tiles / views (InternVL, Idefics3, LLaVA-NeXT): its tokens, in order
+            per_image.append(torch.cat([t.float() for t in feats.per_image()]))
             try:
-                grids.add(tuple(feats.spatial().shape[1:3]))
+                grid = feats.spatial()
+                grids.add(tuple(grid.shape[1:3]) if grid.shape[0] == 1 else None)
             except ValueError:
                 grids.add(None)
         if image_pooling == "mean":

@@ -126,3 +126,25 @@ def test_florence2_text_layer_is_a_torchvlm_error():
     # the check comes before the model is used: the CLI (torchvlm embed --text-layer 2) prints one error line
     with pytest.raises(TorchVLMError, match="encoder output only"):
         Florence2Model.hidden_states(None, torch.ones(1, 2, dtype=torch.long), layer=2)
+
+
+def test_embed_gives_one_row_per_image_for_tiled_images():
+    from torchvlm.features import embed
+    from torchvlm.models.base import ImageFeatures
+
+    class Proc:
+        image_token = "<image>"
+
+        def __call__(self, text, images):
+            return {"pixel_values": torch.zeros(3, 3, 4, 4)}  # one image -> 3 tiles
+
+    class Model:
+        def encode_image(self, batch, layer=None):
+            n = batch["pixel_values"].shape[0]
+            return ImageFeatures(tokens=torch.arange(n * 4 * 2, dtype=torch.float32).reshape(n, 4, 2), grid=(2, 2))
+
+    arrays, meta = embed(Model(), Proc(), images=["a", "b"])
+    assert arrays["image_tokens"].shape == (2, 12, 2)  # 2 images x (3 tiles x 4 tokens), not 6 tile rows
+    assert "image_grid" not in meta  # several tiles: no single grid
+    arrays, _ = embed(Model(), Proc(), images=["a", "b"], image_pooling="mean")
+    assert arrays["image_embeds"].shape == (2, 2)
