@@ -70,3 +70,20 @@ def test_two_ranks_give_the_single_process_loss_curve_and_resume(llava_dir, data
     resumed = _records(out)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in two], rel=1e-5)
+
+
+def test_checkpoints_record_the_global_batch():
+    """position counts global batches: 2 ranks x 2 resumes as 4 ranks x 1 or 1 process x 4, not as 4 ranks x 2."""
+    from torchvlm.distributed.ddp import DDPTrainer
+    from torchvlm.train.finetune import FinetuneConfig, Trainer
+
+    def settings(cls, batch, world=None):
+        t = cls.__new__(cls)
+        t.cfg = FinetuneConfig(model="m", data="d", output="o", batch_size=batch)
+        if world is not None:
+            t.world = world
+        return t.settings()
+
+    two_by_two = settings(DDPTrainer, 2, 2)
+    assert two_by_two == settings(DDPTrainer, 1, 4) == settings(Trainer, 4)
+    assert two_by_two["batch_size"] != settings(DDPTrainer, 2, 4)["batch_size"]

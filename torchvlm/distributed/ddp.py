@@ -57,6 +57,12 @@ class DDPTrainer(Trainer):
         # find_unused_parameters: a batch without images leaves a trainable vision tower without gradients
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
 
+    def settings(self) -> dict:
+        """The trajectory settings, with the *global* batch as ``batch_size``: ``position`` counts global
+        batches, so a run resumes on another world size (or in one process) exactly when the global batch
+        is the same, and is refused otherwise."""
+        return {**super().settings(), "batch_size": self.cfg.batch_size * self.world}
+
     def _collate(self, data, idx):
         from ..train.collate import collate
 
