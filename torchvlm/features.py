@@ -125,6 +125,9 @@ def cmd_embed(ns: argparse.Namespace) -> int:
         raise ConfigError("embed: pass --image and/or --text / --texts-file")
     if Path(ns.output).suffix not in SUFFIXES:
         raise ConfigError(f"--output must end in .npy or .safetensors, got '{ns.output}'")
+    if Path(ns.output).suffix == ".npy" and (images and texts or (ns.text_pooling == "none" and len(texts) > 1)):
+        raise ConfigError(f"a .npy file holds one array but this run writes several (images and texts, or one "
+                          f"array per text with --text-pooling none); write .safetensors instead of '{ns.output}'")
     for img in images:
         if "://" not in img and not img.startswith("data:") and not Path(img).is_file():
             raise ConfigError(f"--image: {img} not found")

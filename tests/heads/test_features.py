@@ -148,3 +148,18 @@ def test_embed_gives_one_row_per_image_for_tiled_images():
     assert "image_grid" not in meta  # several tiles: no single grid
     arrays, _ = embed(Model(), Proc(), images=["a", "b"], image_pooling="mean")
     assert arrays["image_embeds"].shape == (2, 2)
+
+
+def test_embed_cli_npy_with_several_arrays_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    import torchvlm.api
+    from torchvlm.cli import main
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before a predictable error")
+
+    monkeypatch.setattr(torchvlm.api, "load", no_load)
+    img = _png(tmp_path)
+    assert main(["embed", "--image", img, "--text", "x", "-o", str(tmp_path / "both.npy")]) == 2
+    assert "write .safetensors" in capsys.readouterr().err
+    assert main(["embed", "--text", "x", "--text", "y", "--text-pooling", "none", "-o", str(tmp_path / "t.npy")]) == 2
+    assert "write .safetensors" in capsys.readouterr().err
