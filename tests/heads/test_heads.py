@@ -204,3 +204,10 @@ def test_seg_token_save_and_load(tmp_path):
     batch = _batch(proc2, ["USER: <image>\nSegment the blue square. [SEG] ASSISTANT:"], seed=4)
     with torch.no_grad():
         torch.testing.assert_close(again(**batch).mask_logits, model(**batch).mask_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_segmentation_create_takes_feature_dim_when_the_tower_has_no_width():
+    vlm, proc = _model()
+    vlm.vision_tower.config = None  # a tower whose width cannot be read: the error says to pass feature_dim=
+    model = SegmentationVLM.create(vlm, proc.tokenizer, feature_layer=-1, feature_dim=192, dim=32, skip_channels=())
+    assert model.decoder.settings["feature_dim"] == 192

@@ -207,14 +207,14 @@ class SegmentationVLM(nn.Module):
         LM-space features, the vision tower's hidden size for a raw layer)."""
         seg = add_seg_token(vlm, tokenizer, token)
         hidden = vlm.text_config.hidden_size
-        if feature_layer is None:
+        feature_dim = decoder_kwargs.pop("feature_dim", None)
+        if feature_dim is None and feature_layer is None:
             feature_dim = hidden
-        else:
+        elif feature_dim is None:
             vcfg = getattr(vlm.vision_tower, "config", None)
             feature_dim = getattr(vcfg, "hidden_size", None)
             if feature_dim is None:
                 raise ConfigError("SegmentationVLM.create: pass feature_dim= for this vision tower")
-        feature_dim = decoder_kwargs.pop("feature_dim", feature_dim)
         decoder = MaskDecoder(feature_dim, hidden, **decoder_kwargs).to(vlm.device)
         return cls(vlm, decoder, seg, feature_layer=feature_layer)
 
