@@ -6,24 +6,26 @@
 Stages (each prints what it does and how long it took; every random choice is seeded):
 
 1. data: synthetic shapes scenes (:mod:`torchvlm.demo.synthetic`) -> ``train.jsonl`` / ``val.jsonl`` with
-   PNG images (LLaVA conversation format, several question turns per image);
+   PNG images (LLaVA conversation format, one question per image);
 2. tokenizer: a byte-level BPE trained with the ``tokenizers`` library on the synthetic question/answer
-   corpus, plus a small chat template (``USER: ... / ASSISTANT: ...``);
+   corpus, plus a small chat template (``USER: question / <image> / ASSISTANT: answer``: the question comes
+   before the image, so every image token can read it);
 3. components, in HF layout, random init through torchvlm's own ``from_config`` / ``save_pretrained``:
    a tiny CLIP-style vision encoder (``CLIPVisionModel`` layout) and a tiny Llama LM (``LlamaForCausalLM``);
-   each is then pre-trained briefly on the synthetic world, standing in for the CLIP / LM pre-training of
-   the real recipe: the vision encoder learns to name what is in each slot (scene attributes, not
-   questions), the LM learns the question/answer text without images;
+   the vision encoder is pre-trained briefly on the synthetic world, standing in for the CLIP pre-training
+   of the real recipe (it learns to name what is in each slot: scene attributes, not questions); the LM
+   stays randomly initialised (``--lm-steps N`` pre-trains it on the question/answer text, which hurts);
 4. build: the LLaVA recipe, ``torchvlm.train.build.build_vlm`` (vision + mlp2x_gelu connector + LM), then
-   the connector's first layer is initialised from the data (:func:`whiten_connector`);
+   the connector's first layer is initialised from the data (:func:`whiten_connector`, ZCA);
 5. stage 1: ``finetune(mode="projector")``: the connector alone aligns vision features to the LM;
-6. stage 2: ``finetune(mode="full", freeze_vision=True)``: connector and LM;
+6. stage 2: ``finetune(mode="full", freeze_vision=True)``: connector and LM, then continued from its result
+   with a fresh cosine schedule at a lower peak learning rate (``--stage3-steps``, ``--stage3-lr``);
 7. export: the model in the chosen dtype (default float16) to ``--output``;
 8. evaluation: greedy ``torchvlm.generate`` on 200 held-out questions (a seed never used for training),
    exact match after strip/lower, per question type and overall, on the exported checkpoint as
    ``torchvlm.load`` loads it by default.
 
-``transformers`` is never imported. The whole run takes about 15 minutes on 2 idle CPU cores (longer on
+``transformers`` is never imported. The whole run takes about 25 minutes on 2 CPU cores (longer on
 shared ones: ``--threads 1`` is faster when another process keeps a core busy).
 """
 
@@ -63,10 +65,11 @@ CHAT_TEMPLATE = (
     "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
     "{% endif %}{{ '\\n' }}"
     "{% elif message['role'] == 'user' %}USER: "
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}{{ '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{{ '\\n' }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{{ '\\n' }}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% endif %}"
     "{% else %}ASSISTANT:\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
@@ -106,7 +109,9 @@ def init_weights(model: nn.Module, std: float = 0.02) -> None:
 def make_data(work: Path, n_train: int, n_val: int) -> tuple[Path, Path]:
     """Write the training and validation splits (LLaVA JSONL + PNGs)."""
     data = work / "data"
-    train = syn.write_split(data, "train", n_train, SEEDS["train"])
+    # one question per conversation: the question comes before the image in the chat template, so the image
+    # tokens can read it (a later turn's question would come after the image)
+    train = syn.write_split(data, "train", n_train, SEEDS["train"], max_turns=1)
     val = syn.write_split(data, "val", n_val, SEEDS["val"], max_turns=1)
     return train, val
 
@@ -317,7 +322,9 @@ def pretrain_lm(args, tokenizer, train_jsonl: Path, out: Path) -> Path:
         texts.append(tokenizer.encode(proc.apply_chat_template(msgs, add_generation_prompt=False)))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lm_lr, weight_decay=0.01)
     steps = args.lm_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    if steps == 0:
+        log("  no text pre-training (--lm-steps 0): the LM starts from its random initialisation")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
     rng = random.Random(SEEDS["train"] + 10)
     pad = cfg["pad_token_id"]
     t0 = time.perf_counter()
@@ -395,13 +402,17 @@ def build(vision_dir: Path, lm_dir: Path, out: Path) -> Path:
                           vision_feature_layer=-1))
 
 
-def whiten_connector(model_dir: Path, n_images: int = 256) -> None:
+def whiten_connector(model_dir: Path, n_images: int = 256, eps: float = 1e-3) -> None:
     """Data-dependent initialisation of the new connector's first layer: it gets the vision features minus
-    their mean, divided by their standard deviation (per channel), over ``n_images`` fresh scenes.
+    their mean, whitened (ZCA: ``Sigma^-1/2``, eigenvalues floored at ``eps`` times the largest), over
+    ``n_images`` fresh scenes, before its own random weights.
 
     The raw last-layer features of a CLIP-style tower (no final LayerNorm) share one large component: every
-    image token points almost the same way (cosine ~1.00), the content is a small difference on top. Fed as
-    is, the LM's RMSNorm turns all image tokens into the same vector and it never learns to read them."""
+    image token points almost the same way (cosine ~1.00), the content is a small difference on top, and the
+    variance spans six orders of magnitude across directions (colour is loud, shape kind quiet). Fed as is,
+    the LM's RMSNorm turns all image tokens into nearly the same vector; scaled per channel only, the quiet
+    directions stay quiet and the LM learns to read colours but hardly shapes (colour questions, which name
+    a shape, stayed near chance)."""
     import torchvlm
 
     model, processor = torchvlm.load(str(model_dir), dtype="fp32", optimize=False)
@@ -410,15 +421,20 @@ def whiten_connector(model_dir: Path, n_images: int = 256) -> None:
     with torch.no_grad():
         pixels = processor.image_processor(images)["pixel_values"]
         feats = model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:].flatten(0, 1)
-        mu, sd = feats.mean(0), feats.std(0).clamp(min=1e-3)
+        x = feats.double()
+        mu = x.mean(0)
+        lam, vec = torch.linalg.eigh(torch.cov(x.T))
+        lam = lam.clamp(min=0)
+        white = (vec @ torch.diag((lam + eps * lam.max()).rsqrt()) @ vec.T).float()
         first = next(m for m in model.multi_modal_projector.modules() if isinstance(m, nn.Linear))
-        w = first.weight / sd
+        w = first.weight @ white
         first.weight.copy_(w)
-        first.bias.copy_(first.bias - w @ mu)
+        first.bias.copy_(first.bias - w @ mu.float())
         before = nn.functional.normalize(feats[:64], dim=-1)
         after = nn.functional.normalize(first(feats[:64]), dim=-1)
-    log(f"  connector input whitened: mean cosine between image tokens {float((before @ before.T).mean()):.3f} "
-        f"-> {float((after @ after.T).mean()):.3f}")
+    log(f"  connector input whitened (feature variance {float(lam.min()):.1e} .. {float(lam.max()):.1e} per "
+        f"direction): mean cosine between image tokens {float((before @ before.T).mean()):.3f} -> "
+        f"{float((after @ after.T).mean()):.3f}")
     model.save_pretrained(model_dir)
 
 
@@ -460,7 +476,7 @@ def main(argv=None) -> int:
     p.add_argument("--output", default=str(ROOT / "torchvlm" / "demo" / "model"),
                    help="where the final model goes (default: the package's shipped model folder)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--train-images", type=int, default=12000)
+    p.add_argument("--train-images", type=int, default=30000)
     p.add_argument("--val-images", type=int, default=200)
     p.add_argument("--vocab", type=int, default=320, help="BPE vocabulary size")
     p.add_argument("--vision-width", type=int, default=192)
@@ -471,14 +487,18 @@ def main(argv=None) -> int:
     p.add_argument("--vision-steps", type=int, default=1000)
     p.add_argument("--vision-batch", type=int, default=32)
     p.add_argument("--vision-lr", type=float, default=1.5e-3)
-    p.add_argument("--lm-steps", type=int, default=150)
+    p.add_argument("--lm-steps", type=int, default=0,
+                   help="text-only LM pre-training steps (default 0: it gives the LM an answer prior that stage 2 must unlearn)")
     p.add_argument("--lm-batch", type=int, default=32)
     p.add_argument("--lm-lr", type=float, default=2e-3)
     p.add_argument("--stage1-steps", type=int, default=60)
     p.add_argument("--stage1-lr", type=float, default=2e-3)
-    p.add_argument("--stage2-steps", type=int, default=450)
-    p.add_argument("--stage2-lr", type=float, default=5e-4)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--stage2-steps", type=int, default=1500)
+    p.add_argument("--stage2-lr", type=float, default=2e-3)
+    p.add_argument("--stage3-steps", type=int, default=1200,
+                   help="stage 2 continued from its result with a fresh cosine schedule (0: none)")
+    p.add_argument("--stage3-lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--export-dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
     p.add_argument("--eval-questions", type=int, default=200)
     p.add_argument("--log-every", type=int, default=50)
@@ -517,7 +537,7 @@ def main(argv=None) -> int:
             f"{tokenizer.backend.encode('What colour is the circle?').tokens}")
     with stage("3a. vision encoder (random init + scene-attribute pre-training)"):
         vision_dir = pretrain_vision(args, work / "vision")
-    with stage("3b. language model (random init + text pre-training)"):
+    with stage("3b. language model (random init, optional text pre-training)"):
         lm_dir = pretrain_lm(args, tokenizer, train, work / "lm")
     with stage("4. build (LLaVA: vision + mlp2x_gelu + LM)"):
         base = build(vision_dir, lm_dir, work / "base")
@@ -533,8 +553,14 @@ def main(argv=None) -> int:
     with stage("6. stage 2: full fine-tune (vision frozen)"):
         # the vision tower stays as pre-trained: trained at this learning rate, its features collapse
         r2 = finetune(FinetuneConfig(model=r1["final"], output=str(work / "stage2"), mode="full", freeze_vision=True,
-                                     lr=args.stage2_lr, max_steps=args.stage2_steps, eval_every=150, **common))
+                                     lr=args.stage2_lr, max_steps=args.stage2_steps, eval_every=500, **common))
         log(f"  train loss {r2.get('train_loss', float('nan')):.4f}, val loss {r2.get('val_loss', float('nan')):.4f}")
+    if args.stage3_steps:
+        with stage("6b. stage 2 continued (fresh cosine schedule)"):
+            r2 = finetune(FinetuneConfig(model=r2["final"], output=str(work / "stage3"), mode="full", freeze_vision=True,
+                                         lr=args.stage3_lr, max_steps=args.stage3_steps, eval_every=400,
+                                         **{**common, "seed": 1}))
+            log(f"  train loss {r2.get('train_loss', float('nan')):.4f}, val loss {r2.get('val_loss', float('nan')):.4f}")
     with stage(f"7. export ({args.export_dtype})"):
         import torchvlm
 
