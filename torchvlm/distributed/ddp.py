@@ -99,18 +99,7 @@ class DDPTrainer(Trainer):
                 weight = n_local * self.world / max(n_global, 1.0) / len(window)
                 self.scaler.scale(loss * weight).backward()
             losses.append(self._sum(float(loss.detach()) * n_local) / max(n_global, 1.0))
-        self.scaler.unscale_(self.optimizer)
-        params = list(self.trainable.values())
-        norm = (torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm) if self.cfg.max_grad_norm > 0
-                else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-        lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        return {"loss": sum(losses) / len(losses), "lr": lrs, "grad_norm": float(norm), "tokens": int(tokens),
-                "tokens_per_s": tokens / dt if dt > 0 else None, "world_size": self.world}
+        return {**self.optimizer_step(t0, losses, tokens), "world_size": self.world}
 
     def evaluate(self) -> float:
         """Token-weighted validation loss; each rank evaluates its share of the validation set."""

@@ -462,6 +462,11 @@ class Trainer:
                 loss = self.model(**batch).loss
             self.scaler.scale(loss / len(window)).backward()
             losses.append(float(loss.detach()))
+        return self.optimizer_step(t0, losses, tokens)
+
+    def optimizer_step(self, t0: float, losses: list[float], tokens: int) -> dict:
+        """Clip, step the optimizer and the schedule, clear the gradients; the step's log record (``t0``: when
+        the step's first forward started)."""
         self.scaler.unscale_(self.optimizer)
         params = list(self.trainable.values())
         norm = (torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm) if self.cfg.max_grad_norm > 0
@@ -472,7 +477,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
-        return {"loss": sum(losses) / len(losses), "lr": lrs, "grad_norm": float(norm), "tokens": tokens,
+        return {"loss": sum(losses) / len(losses), "lr": lrs, "grad_norm": float(norm), "tokens": int(tokens),
                 "tokens_per_s": tokens / dt if dt > 0 else None}
 
     def run(self) -> dict:
