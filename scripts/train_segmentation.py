@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--head-lr", type=float, default=4e-4, help="learning rate of the mask decoder")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--backbone", default=None,
+                    help="VLM checkpoint to start from (default: the shipped demo model)")
     ap.add_argument("--output", default=None, help="training folder (default: a temporary one)")
     ap.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     args = ap.parse_args()
@@ -80,7 +82,7 @@ def main() -> None:
     torch.manual_seed(0)
     t0 = time.time()
 
-    path = default_model_path()
+    path = args.backbone or default_model_path()
     proc = load_processor(path)
     vlm = VLM.from_pretrained(path, dtype=torch.float32)
     model = SegmentationVLM.create(vlm, proc.tokenizer).train()  # adds [SEG] to the tokenizer and embeddings

@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--head-lr", type=float, default=1e-3, help="learning rate of the head")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--backbone", default=None,
+                    help="VLM checkpoint to start from (default: the shipped demo model)")
     ap.add_argument("--output", default=None, help="training folder (default: a temporary one)")
     ap.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     args = ap.parse_args()
@@ -107,7 +109,7 @@ def main() -> None:
     torch.manual_seed(0)
     t0 = time.time()
 
-    path = default_model_path()
+    path = args.backbone or default_model_path()
     proc = load_processor(path)
     vlm = VLM.from_pretrained(path, dtype=torch.float32)
     if args.head == "continuous":
