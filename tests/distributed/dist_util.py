@@ -22,7 +22,9 @@ def child_env(**extra) -> dict:
     """Environment of the launched processes: one thread each (CI has 2 cores), the repo importable."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+    # MALLOC_ARENA_MAX: rank 0 runs micro-batches in threads, and each thread's own malloc arena added tens of MB
+    # of peak RSS that depended on timing (the per-rank memory test measures weights, not allocator slack)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", MALLOC_ARENA_MAX="2",
                PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT / "tests"), str(ROOT), env.get("PYTHONPATH", "")]))
     env.update(extra)
     return env
