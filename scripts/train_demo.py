@@ -25,7 +25,7 @@ Stages (each prints what it does and how long it took; every random choice is se
    exact match after strip/lower, per question type and overall, on the exported checkpoint as
    ``torchvlm.load`` loads it by default.
 
-``transformers`` is never imported. The whole run takes about 25 minutes on 2 CPU cores (longer on
+``transformers`` is never imported. The whole run takes about 35 minutes on 2 CPU cores (longer on
 shared ones: ``--threads 1`` is faster when another process keeps a core busy).
 """
 
