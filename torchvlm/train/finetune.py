@@ -251,16 +251,11 @@ class Trainer:
     def __init__(self, cfg: FinetuneConfig):
         from ..api import load_processor
         from ..hub import resolve_model_path
-        from ..models.base import VLM, parse_dtype
+        from ..models.base import VLM
 
         cfg.check()
         require_train_extra("tqdm", *(("peft",) if cfg.mode in ("lora", "qlora") else ()))
-        self.cfg = cfg
-        self.out = Path(cfg.output)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.out / LOG_FILE
-        self.device = torch.device(cfg.device)
-        self.dtype = parse_dtype(cfg.dtype)
+        self._init_run(cfg)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -312,6 +307,17 @@ class Trainer:
     #: ``save_fn(folder)`` writing the final model (set by :meth:`for_model`; None: the VLM / adapter export)
     save_fn = None
 
+    def _init_run(self, cfg: FinetuneConfig) -> None:
+        """The run's settings, output folder (created), log path, device and dtype."""
+        from ..models.base import parse_dtype
+
+        self.cfg = cfg
+        self.out = Path(cfg.output)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.out / LOG_FILE
+        self.device = torch.device(cfg.device)
+        self.dtype = parse_dtype(cfg.dtype)
+
     @classmethod
     def for_model(cls, cfg: FinetuneConfig, model: nn.Module, train_data, *, collate_fn, val_data=None,
                   parts: dict[str, str] | None = None, save_fn=None) -> "Trainer":
@@ -332,14 +338,7 @@ class Trainer:
             raise ConfigError(f"Trainer.for_model: pass save_fn= (how to write OUTPUT/final): "
                               f"{type(model).__name__} has no save_pretrained")
         self = cls.__new__(cls)
-        self.cfg = cfg
-        self.out = Path(cfg.output)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.out / LOG_FILE
-        self.device = torch.device(cfg.device)
-        from ..models.base import parse_dtype
-
-        self.dtype = parse_dtype(cfg.dtype)
+        self._init_run(cfg)
         self.source, self.processor, self.wrapper = None, None, None
         self.model = model.to(self.device).train()
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
