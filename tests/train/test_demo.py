@@ -51,6 +51,12 @@ def _expected(scene: syn.Scene, question: str) -> str:
     if question.startswith("What shape is "):
         (match,) = [s for s in shapes if s.colour == words[-1]]
         return match.kind
+    if question.startswith("Is there "):
+        return "yes" if any(s.colour == words[-2] and s.kind == words[-1] for s in shapes) else "no"
+    if question.endswith(" shapes are there?"):
+        return str(sum(s.colour == words[2] for s in shapes))
+    if question.startswith("How many "):
+        return str(sum(s.kind + "s" == words[2] for s in shapes))
     raise AssertionError(question)
 
 
@@ -66,12 +72,33 @@ def test_generator_is_deterministic(tmp_path):
                for f in (tmp_path / "2" / "train").iterdir())
 
 
+def test_type_weights_bias_the_question_types(tmp_path):
+    def first_types(path):
+        out = Counter()
+        for line in path.read_text().splitlines():
+            q = json.loads(line)["conversations"][0]["value"].removeprefix("<image>\n")
+            out[next(t for t, qq, _ in syn.questions(syn.Scene.from_dict(json.loads(line)["scene"])) if qq == q)] += 1
+        return out
+
+    plain = first_types(syn.write_split(tmp_path / "a", "t", 300, seed=4, max_turns=1))
+    biased = first_types(syn.write_split(tmp_path / "b", "t", 300, seed=4, max_turns=1,
+                                         type_weights={"count": 0.1, "word": 0.1}))
+    assert biased["count"] < plain["count"] / 3 and biased["word"] < plain["word"] / 3
+    assert biased["position"] > plain["position"]
+
+
 def test_answers_are_right_by_construction(tmp_path):
     items = syn.eval_questions(100, 11)
     assert Counter(x["type"] for x in items) == {t: 20 for t in syn.QUESTION_TYPES}
+    extra = Counter()
     for x in items:
         _pixel_answers(x["scene"], x["image"])
         assert x["answer"] == _expected(x["scene"], x["question"]), x["question"]
+        for t, q, a in syn.questions(x["scene"], syn.EXTRA_QUESTION_TYPES):
+            assert a == _expected(x["scene"], q), q
+            extra[t, a if t == "exists" else ""] += 1
+    # the training aids: every kind counted, yes and no equally often
+    assert extra["count_kind", ""] == 3 * len(items) and extra["exists", "yes"] == extra["exists", "no"] > 0
     # the training files: every answer follows from the stored scene, the image matches the scene
     path = syn.write_split(tmp_path, "train", 30, seed=5)
     for line in path.read_text().splitlines():

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["COLOURS", "SHAPES", "POSITIONS", "WORDS", "QUESTION_TYPES", "IMAGE_SIZE", "Shape", "Scene",
+__all__ = ["COLOURS", "SHAPES", "POSITIONS", "WORDS", "QUESTION_TYPES", "EXTRA_QUESTION_TYPES", "IMAGE_SIZE", "Shape", "Scene",
            "random_scene", "example_scene", "render", "draw_shape", "questions", "question_for", "write_split", "eval_questions",
            "normalize_answer"]
 
@@ -60,6 +60,11 @@ POSITIONS = {
 }
 WORDS = ("cat", "dog", "sun", "box", "hat", "cup", "key", "fox")
 QUESTION_TYPES = ("colour", "count", "position", "shape", "word")
+#: question types that only help training (the evaluation asks :data:`QUESTION_TYPES`): shapes of one kind or
+#: colour counted ("How many circles are there?", "How many red shapes are there?") and yes / no questions
+#: ("Is there a blue square?"). Each makes every image token check itself against the question, the
+#: matching step that the colour / position / shape questions need, with the easy read-out of counting.
+EXTRA_QUESTION_TYPES = ("count_kind", "count_colour", "exists")
 #: chance that a scene carries a word
 WORD_PROBABILITY = 0.5
 
@@ -153,8 +158,9 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     return img
 
 
-def questions(scene: Scene) -> list[tuple[str, str, str]]:
-    """Every unambiguous ``(type, question, answer)`` of a scene, answers derived from the spec."""
+def questions(scene: Scene, types: tuple[str, ...] = QUESTION_TYPES) -> list[tuple[str, str, str]]:
+    """Every unambiguous ``(type, question, answer)`` of a scene among ``types`` (default: the five evaluated
+    ones; :data:`EXTRA_QUESTION_TYPES` adds the training aids), answers derived from the spec."""
     out = [("count", "How many shapes are there?", str(len(scene.shapes)))]
     kinds = [s.kind for s in scene.shapes]
     colours = [s.colour for s in scene.shapes]
@@ -166,12 +172,25 @@ def questions(scene: Scene) -> list[tuple[str, str, str]]:
             out.append(("shape", f"What shape is {s.colour}?", s.kind))
     if scene.word:
         out.append(("word", "What word is written?", scene.word))
-    return out
+    for kind in SHAPES:
+        out.append(("count_kind", f"How many {kind}s are there?", str(kinds.count(kind))))
+    for i, colour in enumerate(COLOURS):  # every present colour, half the absent ones
+        if colour in colours or (i + len(colours)) % 2:
+            out.append(("count_colour", f"How many {colour} shapes are there?", str(colours.count(colour))))
+    # as many absent (colour, kind) pairs as present ones, near misses: one attribute shared with a shape
+    present = sorted({(s.colour, s.kind) for s in scene.shapes})
+    near = sorted(({(c, s.kind) for s in scene.shapes for c in COLOURS}
+                   | {(s.colour, k) for s in scene.shapes for k in SHAPES}) - set(present))
+    start = (7 * len(present)) % max(1, len(near))
+    for (colour, kind), answer in [(p, "yes") for p in present] + [(p, "no") for p in (near[start:] + near[:start])[:len(present)]]:
+        article = "an" if colour[0] in "aeiou" else "a"
+        out.append(("exists", f"Is there {article} {colour} {kind}?", answer))
+    return [q for q in out if q[0] in types]
 
 
 def question_for(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str] | None:
     """One random ``(question, answer)`` of type ``qtype`` for ``scene``, or None when it has none."""
-    options = [(q, a) for t, q, a in questions(scene) if t == qtype]
+    options = [(q, a) for t, q, a in questions(scene, (qtype,))]
     return rng.choice(options) if options else None
 
 
@@ -189,9 +208,12 @@ def _sample_scene_for(rng: random.Random, qtype: str) -> tuple[Scene, str, str]:
 
 
 def write_split(out_dir: str | os.PathLike, name: str, n_images: int, seed: int, *,
-                max_turns: int = 4) -> Path:
+                max_turns: int = 4, type_weights: dict[str, float] | None = None,
+                types: tuple[str, ...] = QUESTION_TYPES) -> Path:
     """Write ``out_dir/name.jsonl`` and ``out_dir/name/*.png``: ``n_images`` scenes, each a conversation of
-    1..``max_turns`` question/answer turns (distinct questions, types spread out). Returns the JSONL path."""
+    1..``max_turns`` question/answer turns (distinct questions, types spread out) of ``types``. ``type_weights`` (question
+    type -> weight, default 1 each) makes some types come first more often: the order of a scene's types is
+    drawn by weight, without replacement. Returns the JSONL path."""
     rng = random.Random(seed)
     out = Path(out_dir)
     img_dir = out / name
@@ -199,13 +221,21 @@ def write_split(out_dir: str | os.PathLike, name: str, n_images: int, seed: int,
     rows = []
     for i in range(n_images):
         scene = random_scene(rng)
-        qs = questions(scene)
+        qs = questions(scene, types)
         by_type: dict[str, list] = {}
         for t, q, a in qs:
             by_type.setdefault(t, []).append((q, a))
-        types = list(by_type)
-        rng.shuffle(types)
-        picked = [rng.choice(by_type[t]) for t in types]
+        kinds = list(by_type)
+        if type_weights:
+            order = []
+            while kinds:
+                t = rng.choices(kinds, weights=[type_weights.get(x, 1.0) for x in kinds])[0]
+                order.append(t)
+                kinds.remove(t)
+            kinds = order
+        else:
+            rng.shuffle(kinds)
+        picked = [rng.choice(by_type[t]) for t in kinds]
         turns = picked[:rng.randint(1, min(max_turns, len(picked)))]
         fname = f"{name}/{i:06d}.png"
         render(scene).save(out / fname)
