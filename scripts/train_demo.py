@@ -106,12 +106,22 @@ def init_weights(model: nn.Module, std: float = 0.02) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- 1. data
-def make_data(work: Path, n_train: int, n_val: int) -> tuple[Path, Path]:
-    """Write the training and validation splits (LLaVA JSONL + PNGs)."""
+#: with ``--extra-questions``: how often each question type is drawn for a training image (relative; a type a
+#: scene has no question of is skipped): the look-up questions and the matching aids
+#: (:data:`~torchvlm.demo.synthetic.EXTRA_QUESTION_TYPES`) more often than counting and reading
+TYPE_WEIGHTS = {"colour": 2, "position": 2, "shape": 2, "count": 0.5, "word": 0.5,
+                "count_kind": 1.5, "count_colour": 1.5, "exists": 2}
+
+
+def make_data(work: Path, n_train: int, n_val: int, extra_questions: bool = False) -> tuple[Path, Path]:
+    """Write the training and validation splits (LLaVA JSONL + PNGs). With ``extra_questions`` the training
+    split also asks the matching aids and draws question types by :data:`TYPE_WEIGHTS`; the validation split
+    asks the five evaluated types only."""
     data = work / "data"
     # one question per conversation: the question comes before the image in the chat template, so the image
     # tokens can read it (a later turn's question would come after the image)
-    train = syn.write_split(data, "train", n_train, SEEDS["train"], max_turns=1)
+    extra = dict(types=syn.QUESTION_TYPES + syn.EXTRA_QUESTION_TYPES, type_weights=TYPE_WEIGHTS) if extra_questions else {}
+    train = syn.write_split(data, "train", n_train, SEEDS["train"], max_turns=1, **extra)
     val = syn.write_split(data, "val", n_val, SEEDS["val"], max_turns=1)
     return train, val
 
@@ -174,8 +184,8 @@ def lm_config(args, tokenizer) -> dict:
     vocab = int(math.ceil(vocab / 64) * 64)
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.lm_width,
             "intermediate_size": 3 * args.lm_width, "num_hidden_layers": args.lm_layers,
-            "num_attention_heads": args.lm_width // 64, "num_key_value_heads": args.lm_width // 64,
-            "head_dim": 64, "vocab_size": vocab, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5,
+            "num_attention_heads": args.lm_heads, "num_key_value_heads": args.lm_heads,
+            "head_dim": args.lm_width // args.lm_heads, "vocab_size": vocab, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5,
             "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": True, "attention_bias": False,
             "bos_token_id": tokenizer.backend.token_to_id("<s>"), "eos_token_id": tokenizer.backend.token_to_id("</s>"),
             "pad_token_id": tokenizer.backend.token_to_id("<pad>"), "dtype": "float32"}
@@ -446,6 +456,7 @@ def evaluate(model_dir: Path, n: int, seed: int, dtype: str = "auto", verbose: b
 
     model, processor = torchvlm.load(str(model_dir), dtype=dtype)
     right, total, errors = Counter(), Counter(), []
+    lookup = Counter()  # look-up questions (colour / position / shape) about scenes of 2+ shapes
     for item in syn.eval_questions(n, seed):
         got = torchvlm.generate(model, processor, item["question"], images=[item["image"]], max_new_tokens=8)
         ok = syn.normalize_answer(got) == syn.normalize_answer(item["answer"])
@@ -453,9 +464,16 @@ def evaluate(model_dir: Path, n: int, seed: int, dtype: str = "auto", verbose: b
         right[item["type"]] += ok
         if not ok:
             errors.append((item["type"], item["question"], item["answer"], got))
+        shapes = item["scene"].shapes
+        if item["type"] in ("colour", "position", "shape") and len(shapes) > 1:
+            field = {"colour": "colour", "position": "position", "shape": "kind"}[item["type"]]
+            lookup["asked"] += 1
+            lookup["right"] += ok
+            # a wrong answer that is another shape's attribute: the shape asked about was not found
+            lookup["other_shape"] += not ok and syn.normalize_answer(got) in {getattr(s, field) for s in shapes}
     per_type = {t: right[t] / total[t] for t in syn.QUESTION_TYPES if total[t]}
     return {"overall": sum(right.values()) / max(1, sum(total.values())), "per_type": per_type,
-            "n": sum(total.values()), "errors": errors}
+            "n": sum(total.values()), "errors": errors, "lookup": dict(lookup)}
 
 
 def print_eval(res: dict, title: str) -> None:
@@ -464,6 +482,10 @@ def print_eval(res: dict, title: str) -> None:
     for t, a in res["per_type"].items():
         log(f"  {t:<9} {a * 100:5.1f}%")
     log(f"  overall   {res['overall'] * 100:5.1f}%")
+    lk = res.get("lookup") or {}
+    if lk.get("asked"):
+        log(f"  colour / position / shape questions about 2+ shapes: {lk['right']}/{lk['asked']} right; "
+            f"{lk['other_shape']} of the wrong answers name another shape's attribute")
     for e in res["errors"][:10]:
         log(f"  wrong: [{e[0]}] {e[1]} expected {e[2]!r}, got {e[3]!r}")
 
@@ -478,12 +500,16 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--train-images", type=int, default=30000)
     p.add_argument("--val-images", type=int, default=200)
+    p.add_argument("--extra-questions", action=argparse.BooleanOptionalAction, default=False,
+                   help="also train on the matching aids (how many circles / red shapes? is there a ...?), question "
+                        "types drawn by TYPE_WEIGHTS (default off: no better in 600-step trials, docs/demo-model.md)")
     p.add_argument("--vocab", type=int, default=320, help="BPE vocabulary size")
     p.add_argument("--vision-width", type=int, default=192)
     p.add_argument("--vision-layers", type=int, default=4)
     p.add_argument("--patch", type=int, default=32)
     p.add_argument("--lm-width", type=int, default=256)
     p.add_argument("--lm-layers", type=int, default=4)
+    p.add_argument("--lm-heads", type=int, default=4, help="attention heads of the LM (head size: width / heads)")
     p.add_argument("--vision-steps", type=int, default=1000)
     p.add_argument("--vision-batch", type=int, default=32)
     p.add_argument("--vision-lr", type=float, default=1.5e-3)
@@ -491,7 +517,7 @@ def main(argv=None) -> int:
                    help="text-only LM pre-training steps (default 0: it gives the LM an answer prior that stage 2 must unlearn)")
     p.add_argument("--lm-batch", type=int, default=32)
     p.add_argument("--lm-lr", type=float, default=2e-3)
-    p.add_argument("--stage1-steps", type=int, default=60)
+    p.add_argument("--stage1-steps", type=int, default=60, help="connector-only steps (0: no stage 1)")
     p.add_argument("--stage1-lr", type=float, default=2e-3)
     p.add_argument("--stage2-steps", type=int, default=1500)
     p.add_argument("--stage2-lr", type=float, default=2e-3)
@@ -528,7 +554,7 @@ def main(argv=None) -> int:
         return _T()
 
     with stage("1. data"):
-        train, val = make_data(work, args.train_images, args.val_images)
+        train, val = make_data(work, args.train_images, args.val_images, args.extra_questions)
         turns = sum(len(json.loads(x)["conversations"]) // 2 for x in train.read_text().splitlines())
         log(f"  {args.train_images} training images ({turns} questions), {args.val_images} validation images")
     with stage("2. tokenizer"):
@@ -546,10 +572,12 @@ def main(argv=None) -> int:
 
     common = dict(data=str(train), val=str(val), batch_size=args.batch_size, warmup_steps=10, seed=0,
                   progress=False, dtype="fp32", keep_checkpoints=1)
-    with stage("5. stage 1: connector only"):
-        r1 = finetune(FinetuneConfig(model=str(base), output=str(work / "stage1"), mode="projector",
-                                     lr=args.stage1_lr, max_steps=args.stage1_steps, **common))
-        log(f"  train loss {r1.get('train_loss', float('nan')):.4f}, val loss {r1.get('val_loss', float('nan')):.4f}")
+    r1 = {"final": str(base)}
+    if args.stage1_steps:
+        with stage("5. stage 1: connector only"):
+            r1 = finetune(FinetuneConfig(model=str(base), output=str(work / "stage1"), mode="projector",
+                                         lr=args.stage1_lr, max_steps=args.stage1_steps, **common))
+            log(f"  train loss {r1.get('train_loss', float('nan')):.4f}, val loss {r1.get('val_loss', float('nan')):.4f}")
     with stage("6. stage 2: full fine-tune (vision frozen)"):
         # the vision tower stays as pre-trained: trained at this learning rate, its features collapse
         r2 = finetune(FinetuneConfig(model=r1["final"], output=str(work / "stage2"), mode="full", freeze_vision=True,
