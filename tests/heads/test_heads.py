@@ -11,6 +11,7 @@ import torch
 from torchvlm.api import load_processor
 from torchvlm.demo import default_model_path
 from torchvlm.demo.synthetic import random_scene, render
+from torchvlm.errors import ProcessorError
 from torchvlm.heads import (VLA, ActionTokenizer, ContinuousActionHead, MaskDecoder, SegmentationVLM, TensorData,
                             TokenActionHead, dice_bce_loss, mask_iou)
 from torchvlm.models.base import VLM
@@ -40,7 +41,7 @@ def test_action_tokens_round_trip_within_a_bin():
     assert torch.equal(tok.encode(back), ids)  # bin centres are fixed points: exact round trip of the tokens
     edges = torch.tensor([[-1.0, -2.0, 0.0], [1.0, 2.0, 0.5], [5.0, -9.0, 0.25]])
     assert tok.to_bins(edges).tolist() == [[0, 0, 0], [255, 255, 255], [255, 0, 128]]  # clipped to the range
-    with pytest.raises(ValueError, match="outside the action range"):
+    with pytest.raises(ProcessorError, match="outside the action range"):
         tok.decode(torch.tensor([999]))
 
 
@@ -69,7 +70,7 @@ def test_continuous_head_shapes_and_gradients():
         grad = dict(vla.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
     assert vla.predict(**batch).shape == (2, 4, 3)
-    with pytest.raises(ValueError, match="actions must be"):
+    with pytest.raises(ProcessorError, match="actions must be"):
         vla(**batch, actions=torch.zeros(2, 5))
 
 
@@ -188,7 +189,7 @@ def test_segmentation_shapes_gradients_and_few_steps_reduce_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] * 0.9
-    with pytest.raises(ValueError, match="segmentation token"):
+    with pytest.raises(ProcessorError, match="segmentation token"):
         model(**_batch(proc, ["USER: <image>\nno token here ASSISTANT:"]))
 
 

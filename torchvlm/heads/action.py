@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ProcessorError
 from ..models.base import POOLINGS, VLM, pool_hidden
 from .common import add_special_tokens, load_module_state, save_module
 
@@ -98,7 +98,7 @@ class ActionTokenizer:
         """Token ids ``[..., A]`` -> actions (bin centres). Ids outside the action range are an error."""
         ids = torch.as_tensor(ids)
         if bool(((ids < self.first_id) | (ids > self.last_id)).any()):
-            raise ValueError(f"ActionTokenizer.decode: ids outside the action range [{self.first_id}, {self.last_id}]")
+            raise ProcessorError(f"ActionTokenizer.decode: ids outside the action range [{self.first_id}, {self.last_id}]")
         return self.from_bins(ids - self.first_id)
 
     def config(self) -> dict:
@@ -122,7 +122,7 @@ class VLAOutput:
 def _actions_3d(actions: Tensor, chunk: int, dim: int) -> Tensor:
     a = actions[:, None] if actions.dim() == 2 else actions
     if a.dim() != 3 or tuple(a.shape[1:]) != (chunk, dim):
-        raise ValueError(f"actions must be [B, {dim}] or [B, {chunk}, {dim}] for this head, got {tuple(actions.shape)}")
+        raise ProcessorError(f"actions must be [B, {dim}] or [B, {chunk}, {dim}] for this head, got {tuple(actions.shape)}")
     return a
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ProcessorError
 
 __all__ = ["TensorData", "add_special_tokens", "resize_token_embeddings", "save_module", "load_module_state"]
 
@@ -23,7 +23,7 @@ class TensorData(dict):
         super().__init__(tensors)
         sizes = {k: v.shape[0] for k, v in tensors.items()}
         if len(set(sizes.values())) != 1:
-            raise ValueError(f"TensorData: tensors differ in their number of rows: {sizes}")
+            raise ProcessorError(f"TensorData: tensors differ in their number of rows: {sizes}")
 
     def __len__(self) -> int:
         return next(iter(self.values())).shape[0]

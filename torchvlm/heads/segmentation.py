@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ProcessorError
 from ..models.base import VLM
 from ..nn.attention import attention
 from .common import add_special_tokens, load_module_state, save_module
@@ -156,7 +156,7 @@ class MaskDecoder(nn.Module):
         x = image.transpose(1, 2).reshape(b, -1, rows, cols)
         if self.skips:
             if pixel_values is None:
-                raise ValueError("MaskDecoder: this decoder has a pixel skip path; pass pixel_values")
+                raise ProcessorError("MaskDecoder: this decoder has a pixel skip path; pass pixel_values")
             levels, p = [], pixel_values.float()
             for skip in self.skips:
                 p = skip(p)
@@ -224,10 +224,10 @@ class SegmentationVLM(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
                 masks: Tensor | None = None, labels: Tensor | None = None, **extra) -> SegmentationOutput:
         if pixel_values is None:
-            raise ValueError("SegmentationVLM needs pixel_values")
+            raise ProcessorError("SegmentationVLM needs pixel_values")
         is_seg = input_ids == self.seg_token_id
         if not bool(is_seg.any(1).all()):
-            raise ValueError(f"every prompt row must contain the segmentation token (id {self.seg_token_id})")
+            raise ProcessorError(f"every prompt row must contain the segmentation token (id {self.seg_token_id})")
         image_extra = self._image_inputs(extra)
         feats = self.vlm.encode_image(pixel_values, **image_extra)
         grid_feats = feats if self.feature_layer is None else \
@@ -239,7 +239,7 @@ class SegmentationVLM(nn.Module):
         prompt = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_seg]
         spatial = grid_feats.spatial()
         if spatial.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"SegmentationVLM takes one image (one grid) per prompt: {spatial.shape[0]} grids "
+            raise ProcessorError(f"SegmentationVLM takes one image (one grid) per prompt: {spatial.shape[0]} grids "
                              f"for {input_ids.shape[0]} prompts")
         px = pixel_values if pixel_values.dim() == 4 else None
         mask_logits = self.decoder(spatial, prompt, px)
