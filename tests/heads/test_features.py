@@ -87,7 +87,10 @@ def test_embed_cli_safetensors_and_npy(tmp_path, capsys):
                  "-o", str(out)]) == 0
     info = json.loads(capsys.readouterr().out)
     arrays = load_file(str(out))
-    assert arrays["image_tokens"].shape == (2, 9, 256) and arrays["text_embeds"].shape == (2, 256)
+    from torchvlm.demo import default_model_path
+
+    width = json.loads((default_model_path() / "config.json").read_text())["text_config"]["hidden_size"]
+    assert arrays["image_tokens"].shape == (2, 9, width) and arrays["text_embeds"].shape == (2, width)
     assert info["image_grid"] == "3x3"
     np.testing.assert_allclose(arrays["image_tokens"][0], arrays["image_tokens"][1])
     npy = tmp_path / "t.npy"

@@ -16,7 +16,7 @@ from torchvlm.demo import synthetic as syn
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "demo.png"
-#: held-out questions of this test: seed 2000 (training uses 1-3, the script's evaluation 1000)
+#: held-out questions of the guard test: seed 2000 (training uses 1-3, the script's evaluation 1000)
 TEST_SEED, N_QUESTIONS = 2000, 50
 
 
@@ -119,28 +119,30 @@ def demo():
     return torchvlm.load(default_model_path())
 
 
-def _accuracy(demo) -> tuple[float, dict]:
+def _accuracy(demo, n: int, seed: int) -> tuple[float, dict]:
     model, processor = demo
     right, total = Counter(), Counter()
-    for x in syn.eval_questions(N_QUESTIONS, TEST_SEED):
+    for x in syn.eval_questions(n, seed):
         got = torchvlm.generate(model, processor, x["question"], images=[x["image"]], max_new_tokens=8)
         total[x["type"]] += 1
         right[x["type"]] += syn.normalize_answer(got) == x["answer"]
-    return sum(right.values()) / N_QUESTIONS, {t: f"{right[t]}/{total[t]}" for t in total}
+    return sum(right.values()) / n, {t: f"{right[t]}/{total[t]}" for t in total}
 
 
 def test_shipped_model_is_small_and_keeps_its_measured_accuracy(demo):
-    """Guards the shipped weights: 37/50 (74%) measured when they were committed (docs/demo-model.md)."""
+    """Guards the shipped weights on questions the script never asks: 42/50 (84%) measured when they were
+    committed (docs/demo-model.md)."""
     assert sum(f.stat().st_size for f in default_model_path().iterdir()) <= 25 * 2**20
-    accuracy, per_type = _accuracy(demo)
-    assert accuracy >= 0.68, per_type
+    accuracy, per_type = _accuracy(demo, N_QUESTIONS, TEST_SEED)
+    assert accuracy >= 0.78, per_type
 
 
-@pytest.mark.xfail(reason="the shipped demo model is below the 90% target (80% on the script's 200 questions; "
-                          "docs/demo-model.md)", strict=False)
-def test_shipped_model_reaches_the_target(demo):
-    accuracy, per_type = _accuracy(demo)
-    assert accuracy >= 0.9, per_type
+def test_shipped_model_accuracy_on_the_scripts_200_questions(demo):
+    """The issue's target, >= 90% on the 200 held-out questions that ``scripts/train_demo.py`` evaluates (seed
+    1000): 182/200 (91.0%) measured as loaded here, 181/200 in float32. Three questions of slack (177) allow for
+    the rounding of other CPUs' bfloat16 kernels; a real regression costs far more."""
+    accuracy, per_type = _accuracy(demo, 200, 1000)
+    assert accuracy >= 177 / 200, per_type
 
 
 def test_cli_generate_without_model_uses_the_demo(capsys):
