@@ -76,8 +76,9 @@ def test_type_weights_bias_the_question_types(tmp_path):
     def first_types(path):
         out = Counter()
         for line in path.read_text().splitlines():
-            q = json.loads(line)["conversations"][0]["value"].removeprefix("<image>\n")
-            out[next(t for t, qq, _ in syn.questions(syn.Scene.from_dict(json.loads(line)["scene"])) if qq == q)] += 1
+            row = json.loads(line)
+            q = row["conversations"][0]["value"].removeprefix("<image>\n")
+            out[next(t for t, qq, _ in syn.questions(syn.Scene.from_dict(row["scene"])) if qq == q)] += 1
         return out
 
     plain = first_types(syn.write_split(tmp_path / "a", "t", 300, seed=4, max_turns=1))
