@@ -31,11 +31,13 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--plain", action="store_true",
+                   help="load without the inference layout (optimize=False); the CLI and server use it")
     ns = p.parse_args(argv)
     if ns.threads:
         torch.set_num_threads(ns.threads)
     model_id = ns.model or smollm2_gguf_path()
-    model, processor = torchvlm.load(model_id, dtype=ns.dtype, quantize=ns.quantize)
+    model, processor = torchvlm.load(model_id, dtype=ns.dtype, quantize=ns.quantize, optimize=not ns.plain)
     prompts = [processor(messages=[{"role": "user", "content": f"Write a short story about {TOPICS[i % 8]}."}])
                ["input_ids"][0] for i in range(ns.requests)]
     params = SamplingParams(max_new_tokens=ns.new_tokens)
@@ -55,7 +57,8 @@ def main(argv=None) -> int:
 
     total = ns.requests * ns.new_tokens
     same = sum(batched[f"req-{i}"] == sequential[i] for i in range(ns.requests))
-    print(f"model: {model_id}  dtype: {ns.dtype}  quantize: {ns.quantize}  threads: {torch.get_num_threads()}")
+    print(f"model: {model_id}  dtype: {ns.dtype}  quantize: {ns.quantize}  layout: {'plain' if ns.plain else 'optimized'}"
+          f"  threads: {torch.get_num_threads()}")
     print(f"{ns.requests} requests x {ns.new_tokens} new tokens (greedy, prefill included)")
     print(f"one at a time : {total / t_seq:8.1f} tok/s  ({t_seq:.1f} s)")
     print(f"engine, {ns.requests} rows: {total / t_batch:8.1f} tok/s  ({t_batch:.1f} s)")

@@ -15,8 +15,9 @@ changes what the model computes (tests/unit/test_fast_paths.py):
   products of a decode step as a plain ``F.linear`` (which re-lays the weight out on each call). Bit-identical
   results (same kernel). Inference only: the packed weight is no parameter (no gradient, ``model.to(dtype)``
   does not convert it); ``state_dict()`` unpacks it under the usual ``weight`` name. On CPUs without
-  oneDNN bf16/fp16 GEMMs (AVX2-only), the layers become :class:`UpcastLinear` instead, whose prefill-sized
-  products run in float32 (5-8x faster there; rounded as bf16 products are, not bit-identical).
+  oneDNN bf16/fp16 GEMMs (AVX2-only), the layers become :class:`UpcastLinear` instead, whose products run in
+  float32: prefill-sized ones as a float32 GEMM (5-8x faster there), decode-sized ones in a small C++ kernel
+  (:mod:`torchvlm.nn.cpu_kernel`); rounded as bf16 products are, not bit-identical.
 
 :func:`optimize_for_inference` applies both. docs/performance.md has the measurements.
 """
@@ -26,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .cpu_kernel import _kernel, lowp_linear
 
 __all__ = ["PackedLinear", "UpcastLinear", "fuse_projections", "pack_linears", "optimize_for_inference", "can_pack"]
 
@@ -177,15 +180,18 @@ class PackedLinear(nn.Module):
 
 
 class UpcastLinear(nn.Linear):
-    """An ``nn.Linear`` (bf16/fp16, CPU) whose products of at least :data:`UPCAST_MIN_ROWS` rows run in float32.
+    """An ``nn.Linear`` (bf16/fp16, CPU) that multiplies in float32: prefill-sized products as a float32 GEMM,
+    decode-sized ones in a C++ kernel that widens the weight in registers.
 
     For CPUs where :func:`can_pack` is False (no AVX512-BF16 / AMX: oneDNN has no bf16 GEMM there), PyTorch
-    multiplies bf16 matrices with a generic kernel at about 20 GFLOP/s on 2 AVX2 cores, while the float32
-    MKL GEMM on upcast copies of both operands runs 5-8x faster for prefill-sized products (prompt prefill,
-    vision towers; docs/performance.md). Decode-sized products (fewer rows) stay in bf16, where upcasting the
-    weight on every call would cost more than it saves. Each output is accumulated in float32 and rounded
-    to the layer's dtype once, as the bf16 kernel does, only in another order: not bit-identical to
-    ``F.linear`` in bf16, equal within its rounding. Same parameters and ``state_dict`` as ``nn.Linear``.
+    multiplies bf16 matrices with a generic kernel at about 20 GFLOP/s on 2 AVX2 cores, however many rows.
+    Products of at least :data:`UPCAST_MIN_ROWS` rows (prompt prefill, vision towers) run as the float32 MKL
+    GEMM on upcast copies of both operands, 5-8x faster; fewer rows (decode steps, continuous batching) run
+    in :func:`torchvlm.nn.cpu_kernel.lowp_linear`, which reads the bf16 weight once for all rows (1.1x at one
+    row, 2-3x at 4-8 rows on 2 AVX2 cores; ``F.linear`` where it cannot be built). Each output is
+    accumulated in float32 and rounded to the layer's dtype once, as the bf16 kernel does, only in another
+    order: not bit-identical to ``F.linear`` in bf16, equal within its rounding. Same parameters and
+    ``state_dict`` as ``nn.Linear``; with autograd on it is ``F.linear``'s product.
     """
 
     @classmethod
@@ -199,7 +205,7 @@ class UpcastLinear(nn.Linear):
         if x.dtype in _PACK_DTYPES and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]:
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
-        return F.linear(x, self.weight, self.bias)
+        return lowp_linear(x, self.weight, self.bias)
 
 
 def pack_linears(model: nn.Module, *, include=None) -> nn.Module:
@@ -226,6 +232,8 @@ def pack_linears(model: nn.Module, *, include=None) -> nn.Module:
                 if w.is_cpu and w.dtype in _PACK_DTYPES and include(name, child):
                     if w.dtype not in ok:
                         ok[w.dtype] = can_pack(w.dtype)
+                        if not ok[w.dtype]:
+                            _kernel(w.dtype)  # build the decode kernel now (load time), not in the first step
                     setattr(parent, child_name,
                             PackedLinear(child) if ok[w.dtype] else UpcastLinear.from_linear(child))
             else:
