@@ -1,16 +1,16 @@
 """A C++ kernel for decode-sized bf16/fp16 linear layers on CPUs without oneDNN bf16/fp16 GEMMs (AVX2).
 
 There PyTorch multiplies bf16 matrices with a generic kernel at about 16-20 GFLOP/s on 2 cores whatever the
-number of rows, so a decode step is compute-bound and a batch of 8 rows costs 8 single rows. The kernel in
-``lowp_linear.cpp`` reads each weight row once, widens it to float32 in registers and accumulates with
-fused multiply-adds, several input rows per loaded weight vector (docs/performance.md has the figures).
+number of rows, so a batch of 8 rows costs 8 single rows. The kernel in ``lowp_linear.cpp`` reads each weight row once,
+widens it to float32 in registers and accumulates with fused multiply-adds, several input rows per loaded
+weight vector (docs/performance.md has the figures).
 Each output is one float32 sum rounded once to the layer's dtype, as the bf16 ``F.linear`` rounds, only
 summed in another order: equal within bf16 rounding, not bit-identical (tests/unit/test_cpu_kernel.py).
 
 It is built at first use with PyTorch Inductor's C++ toolchain (the compiler, flags, vector ISA and
 OpenMP that ``torch.compile`` uses on the CPU; about a second, then cached on disk by Inductor). That
 toolchain is a private PyTorch API: if the build fails (no C++ compiler, another PyTorch version), a
-warning says why and :func:`lowp_linear` falls back to ``F.linear``; ``TORCHVLM_CPU_KERNEL=0`` in the
+warning says why and PyTorch's own product is used; ``TORCHVLM_CPU_KERNEL=0`` in the
 environment turns the kernel off the same way (for A/B timing). Inference only (no autograd).
 """
 
@@ -35,7 +35,7 @@ _ARGTYPES = ["const {w}*", "const {w}*", "const {w}*", "{w}*", "int64_t", "int64
 
 @functools.cache
 def _kernel(dtype: torch.dtype) -> Optional[Callable]:
-    """The compiled kernel for ``dtype`` weights, or None (with one warning) where it cannot be built."""
+    """The compiled kernel for ``dtype`` weights and rows, or None (with one warning) where it cannot be built."""
     if dtype not in _C_TYPES or os.environ.get("TORCHVLM_CPU_KERNEL", "1") == "0":
         return None
     try:
@@ -46,7 +46,7 @@ def _kernel(dtype: torch.dtype) -> Optional[Callable]:
             raise RuntimeError("Inductor found no vector instruction set on this CPU")
         c_type = _C_TYPES[dtype]
         source = f"#define TORCHVLM_WEIGHT {c_type}\n" + _SOURCE.read_text()
-        return CppPythonBindingsCodeCache.load_pybinding([t.format(w=c_type) for t in _ARGTYPES], source)
+        return CppPythonBindingsCodeCache.load_pybinding([a.format(w=c_type) for a in _ARGTYPES], source)
     except Exception as e:  # noqa: BLE001 - any toolchain failure means: use F.linear
         warnings.warn(f"torchvlm: the C++ {dtype} linear kernel ({_SOURCE.name}) could not be built "
                       f"({type(e).__name__}: {e}); decode-sized {dtype} products use F.linear (slower on this CPU)",
@@ -83,7 +83,7 @@ def _(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 def lowp_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(x, weight, bias)`` for a bf16/fp16 CPU weight through the C++ kernel (float32 accumulation,
-    one rounding to ``x.dtype``); ``F.linear`` itself where the kernel is unavailable or autograd needs a
+    one rounding to ``x.dtype``); ``F.linear`` itself where the kernel does not apply or autograd needs a
     graph. Under ``torch.compile`` it is the opaque custom op ``torchvlm::lowp_linear``."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
