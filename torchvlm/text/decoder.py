@@ -18,7 +18,7 @@ from ..nn.attention import attention, build_mask
 from ..nn.kv_cache import KVCache
 from ..nn.mlp import GatedMLP
 from ..nn.norm import RMSNorm
-from ..nn.rope import apply_rope, check_rope_scaling, inv_freq, mrope_components, rope_cos_sin
+from ..nn.rope import apply_rope, check_rope_scaling, inv_freq, mrope_components, rope_cos_sin, rope_tables
 
 
 @dataclass
@@ -26,7 +26,8 @@ class StepContext:
     """Per-call attention context shared by all layers of one forward step.
 
     Attributes:
-        cos, sin: rotary tables ``[B, T, head_dim]``.
+        cos, sin: rotary tables ``[B, 1, T, head_dim]`` in the form :func:`torchvlm.nn.rope.apply_rope` takes
+            (:func:`torchvlm.nn.rope.rope_tables`).
         masks: ``{window: (mask, is_causal)}`` with window ``None`` for full attention. The mask is ``None``
             where SDPA's own causal flag (an unpadded prefill from slot 0) or no mask at all (a single query
             that may see every key) is exact.
@@ -162,7 +163,7 @@ class TextModel(nn.Module):
             if cfg.mrope_section is None:
                 raise ValueError("3-D rope positions given to a decoder without multimodal rope (mrope_section)")
             components = mrope_components(cfg.mrope_section, cfg.mrope_interleaved, freqs.shape[0], positions.device)
-        cos, sin = rope_cos_sin(positions, freqs, dtype, components)
+        cos, sin = rope_tables(*rope_cos_sin(positions, freqs, dtype, components))
         plain = key_valid is None and prefix_len is None and causal and slots is None
         masks: dict = {}
         for w in self.windows:
