@@ -121,7 +121,6 @@ class EngineWorker:
         """Queue requests (each a dict of :meth:`Engine.add_request` keyword arguments with ``input_ids`` and
         ``request_id``) that all report to ``sink``. All or none: raises :class:`QueueFull` when they do not
         fit, :class:`WorkerStopped` when the worker is stopping."""
-        self.start()
         with self._lock:
             if not self.alive:
                 raise WorkerStopped("the server is shutting down")
@@ -130,6 +129,8 @@ class EngineWorker:
             self._held += len(requests)
             for r in requests:
                 self._inbox.append(("add", r, sink))
+        # started after queuing, so that a new thread's first round already takes these requests in
+        self.start()
         self._wake.set()
 
     def cancel(self, request_id: str) -> None:
