@@ -193,6 +193,9 @@ def test_pack_linears_without_onednn_bf16_upcasts_prefill(ckpt, tmp_path, monkey
     fast_model = pack_linears(VLM.from_pretrained(ckpt, dtype="bf16"))
     assert any(isinstance(m, UpcastLinear) for m in fast_model.modules())
     assert not any(isinstance(m, PackedLinear) for m in fast_model.modules())
+    lm = fast_model.language_model
+    assert (lm.tied_head_linear is fast.upcast_linear) == (lm.lm_head is None)  # qwen2's head is tied
+    assert plain.language_model.tied_head_linear is F.linear
     ids = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(_logits(fast_model, ids).float(), _logits(plain, ids).float(), atol=0.05, rtol=0)
     one = ids[:, :1]

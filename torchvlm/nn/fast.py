@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from .cpu_kernel import _kernel, lowp_linear
 
-__all__ = ["PackedLinear", "UpcastLinear", "fuse_projections", "pack_linears", "optimize_for_inference", "can_pack"]
+__all__ = ["PackedLinear", "UpcastLinear", "upcast_linear", "fuse_projections", "pack_linears",
+           "optimize_for_inference", "can_pack"]
 
 _PACK_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -202,10 +203,14 @@ class UpcastLinear(nn.Linear):
         return up
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype in _PACK_DTYPES and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]:
-            bias = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
-        return lowp_linear(x, self.weight, self.bias)
+        return upcast_linear(x, self.weight, self.bias)
+
+
+def upcast_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """:class:`UpcastLinear`'s product as a function (also a tied LM head's on such CPUs, see :func:`pack_linears`)."""
+    if x.dtype in _PACK_DTYPES and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]:
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    return lowp_linear(x, weight, bias)
 
 
 def pack_linears(model: nn.Module, *, include=None) -> nn.Module:
@@ -216,8 +221,10 @@ def pack_linears(model: nn.Module, *, include=None) -> nn.Module:
     bool`` picks layers by dotted name (default: every such layer, the vision tower's too: Qwen2-VL-2B's
     1024-patch image encode took 2.83 -> 2.53 s with its linears packed). float32 layers are left alone:
     oneDNN's packed float32 product rounds differently from ``F.linear`` (MKL) and was not faster for one
-    row (docs/performance.md).
+    row (docs/performance.md). Without ``include``, a tied LM head (no ``nn.Linear``: the embedding matrix)
+    gets :func:`upcast_linear` as its product where the layers become :class:`UpcastLinear`.
     """
+    every_layer = include is None
     if include is None:
         include = lambda name, lin: True  # noqa: E731
     ok: dict[torch.dtype, bool] = {}
@@ -240,6 +247,17 @@ def pack_linears(model: nn.Module, *, include=None) -> nn.Module:
                 visit(child, name + ".")
 
     visit(model, "")
+    # a tied LM head (CausalLM.lm_head None: logits = hidden @ embeddings^T) is no nn.Linear (and no layer an
+    # ``include`` can name); with every layer converted, on CPUs without oneDNN bf16 it takes UpcastLinear's
+    # path too (8 rows through the engine: SmolLM2's 576 x 49152 head 28 -> 14 ms)
+    for module in model.modules():
+        if getattr(module, "lm_head", 0) is None and hasattr(module, "tied_head_linear"):
+            w = module.model.embed_tokens.weight
+            if w.is_cpu and w.dtype in _PACK_DTYPES and every_layer:
+                if w.dtype not in ok:
+                    ok[w.dtype] = can_pack(w.dtype)
+                if not ok[w.dtype]:
+                    module.tied_head_linear = upcast_linear
     return model
 
 

@@ -247,11 +247,17 @@ class CausalLM(nn.Module):
         self.cfg = cfg
         self.model = TextModel(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        #: the product of a tied head, ``(hidden, embeddings) -> logits``: ``F.linear``, or the faster one that
+        #: torchvlm.nn.fast.pack_linears picks for this CPU (part of the inference layout, like packed weights)
+        self.tied_head_linear = F.linear
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Vocabulary logits of hidden states (final soft-cap applied where configured)."""
         # through the module, so a quantized head (torchvlm.nn.quant) runs its own kernel
-        logits = F.linear(hidden, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(hidden)
+        if self.lm_head is None:
+            logits = self.tied_head_linear(hidden, self.model.embed_tokens.weight)
+        else:
+            logits = self.lm_head(hidden)
         cap = self.cfg.final_logit_softcap
         if cap:
             logits = torch.tanh(logits / cap) * cap
