@@ -1,17 +1,18 @@
 """A C++ kernel for decode-sized bf16/fp16 linear layers on CPUs without oneDNN bf16/fp16 GEMMs (AVX2).
 
 There PyTorch multiplies bf16 matrices with a generic kernel at about 16-20 GFLOP/s on 2 cores whatever the
-number of rows, so a batch of 8 rows costs 8 single rows. The kernel in ``lowp_linear.cpp`` reads each weight row once,
-widens it to float32 in registers and accumulates with fused multiply-adds, several input rows per loaded
-weight vector (docs/performance.md has the figures).
-Each output is one float32 sum rounded once to the layer's dtype, as the bf16 ``F.linear`` rounds, only
-summed in another order: equal within bf16 rounding, not bit-identical (tests/unit/test_cpu_kernel.py).
+number of rows, so a batch of 8 rows costs 8 single rows. The kernel in ``lowp_linear.cpp`` reads each
+weight row once, widens it to float32 in registers and accumulates with fused multiply-adds, several input
+rows per loaded weight vector (docs/performance.md has the figures). Each output is one float32 sum rounded
+once to the layer's dtype, as the bf16 ``F.linear`` rounds, only summed in another order: equal within bf16
+rounding, not bit-identical (tests/unit/test_cpu_kernel.py).
 
-It is built at first use with PyTorch Inductor's C++ toolchain (the compiler, flags, vector ISA and
-OpenMP that ``torch.compile`` uses on the CPU; about a second, then cached on disk by Inductor). That
-toolchain is a private PyTorch API: if the build fails (no C++ compiler, another PyTorch version), a
-warning says why and PyTorch's own product is used; ``TORCHVLM_CPU_KERNEL=0`` in the
-environment turns the kernel off the same way (for A/B timing). Inference only (no autograd).
+It is built with PyTorch Inductor's C++ toolchain (the compiler, flags, vector ISA and OpenMP that
+``torch.compile`` uses on the CPU) on first use, which :func:`torchvlm.nn.fast.pack_linears` makes happen
+at load time: about a second, then cached on disk by Inductor. That toolchain is a private PyTorch API: if
+the build fails (no C++ compiler, another PyTorch version), a warning says why and ``F.linear`` is used;
+``TORCHVLM_CPU_KERNEL=0`` in the environment turns the kernel off the same way (for A/B timing). Inference
+only: with autograd recording, :func:`lowp_linear` is ``F.linear``.
 """
 
 from __future__ import annotations

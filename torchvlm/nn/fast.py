@@ -188,11 +188,11 @@ class UpcastLinear(nn.Linear):
     multiplies bf16 matrices with a generic kernel at about 20 GFLOP/s on 2 AVX2 cores, however many rows.
     Products of at least :data:`UPCAST_MIN_ROWS` rows (prompt prefill, vision towers) run as the float32 MKL
     GEMM on upcast copies of both operands, 5-8x faster; fewer rows (decode steps, continuous batching) run
-    in :func:`torchvlm.nn.cpu_kernel.lowp_linear`, which reads the bf16 weight once for all rows (1.1x at one
-    row, 2-3x at 4-8 rows on 2 AVX2 cores; ``F.linear`` where it cannot be built). Each output is
-    accumulated in float32 and rounded to the layer's dtype once, as the bf16 kernel does, only in another
-    order: not bit-identical to ``F.linear`` in bf16, equal within its rounding. Same parameters and
-    ``state_dict`` as ``nn.Linear``; with autograd on it is ``F.linear``'s product.
+    in :func:`torchvlm.nn.cpu_kernel.lowp_linear`, which reads the bf16 weight once for all rows (1.0-1.3x
+    at one row, 2-3.4x at 4-8 rows on 2 AVX2 cores; ``F.linear`` where it cannot be built, or while autograd
+    records). Each output is accumulated in float32 and rounded to the layer's dtype once, as the bf16
+    kernel does, only in another order: not bit-identical to ``F.linear`` in bf16, equal within its
+    rounding. Same parameters and ``state_dict`` as ``nn.Linear``.
     """
 
     @classmethod
