@@ -41,17 +41,13 @@ UPCAST_MIN_ROWS = 16
 
 # ---------------------------------------------------------------------------------------------- fusion
 def _cat_linears(linears: list[nn.Linear]) -> nn.Linear:
-    w0 = linears[0].weight
-    has_bias = linears[0].bias is not None
-    fused = nn.Linear(w0.shape[1], sum(lin.out_features for lin in linears), bias=has_bias,
-                      device=w0.device, dtype=w0.dtype)
-    with torch.no_grad():
-        fused.weight.copy_(torch.cat([lin.weight.detach() for lin in linears]))
-        if has_bias:
-            fused.bias.copy_(torch.cat([lin.bias.detach() for lin in linears]))
-    fused.weight.requires_grad_(w0.requires_grad)
-    if has_bias:
-        fused.bias.requires_grad_(linears[0].bias.requires_grad)
+    w0, b0 = linears[0].weight, linears[0].bias
+    # built on the meta device: nn.Linear's own random init of a fresh weight took most of the fusing time
+    # (Qwen2-VL-2B: 9.7 -> 1.9 s); the concatenation is the only copy
+    fused = nn.Linear(w0.shape[1], sum(lin.out_features for lin in linears), bias=b0 is not None, device="meta")
+    fused.weight = nn.Parameter(torch.cat([lin.weight.detach() for lin in linears]), w0.requires_grad)
+    if b0 is not None:
+        fused.bias = nn.Parameter(torch.cat([lin.bias.detach() for lin in linears]), b0.requires_grad)
     return fused
 
 
