@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cpu_kernel import _kernel, lowp_linear
+from .cpu_kernel import kernel_available, lowp_linear
 
 __all__ = ["PackedLinear", "UpcastLinear", "upcast_linear", "fuse_projections", "pack_linears",
            "optimize_for_inference", "can_pack"]
@@ -220,10 +220,20 @@ def pack_linears(model: nn.Module, *, include=None) -> nn.Module:
     row (docs/performance.md). Without ``include``, a tied LM head (no ``nn.Linear``: the embedding matrix)
     gets :func:`upcast_linear` as its product where the layers become :class:`UpcastLinear`.
     """
+    from ..text.decoder import CausalLM
+
     every_layer = include is None
     if include is None:
         include = lambda name, lin: True  # noqa: E731
-    ok: dict[torch.dtype, bool] = {}
+    packs: dict[torch.dtype, bool] = {}
+
+    def packable(dtype: torch.dtype) -> bool:
+        """can_pack, asked once per dtype; where it is False the decode kernel is built now (load time)."""
+        if dtype not in packs:
+            packs[dtype] = can_pack(dtype)
+            if not packs[dtype]:
+                kernel_available(dtype)
+        return packs[dtype]
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for child_name, child in list(parent._modules.items()):
@@ -233,12 +243,8 @@ def pack_linears(model: nn.Module, *, include=None) -> nn.Module:
             if type(child) is nn.Linear:
                 w = child.weight
                 if w.is_cpu and w.dtype in _PACK_DTYPES and include(name, child):
-                    if w.dtype not in ok:
-                        ok[w.dtype] = can_pack(w.dtype)
-                        if not ok[w.dtype]:
-                            _kernel(w.dtype)  # build the decode kernel now (load time), not in the first step
                     setattr(parent, child_name,
-                            PackedLinear(child) if ok[w.dtype] else UpcastLinear.from_linear(child))
+                            PackedLinear(child) if packable(w.dtype) else UpcastLinear.from_linear(child))
             else:
                 visit(child, name + ".")
 
@@ -246,14 +252,11 @@ def pack_linears(model: nn.Module, *, include=None) -> nn.Module:
     # a tied LM head (CausalLM.lm_head None: logits = hidden @ embeddings^T) is no nn.Linear (and no layer an
     # ``include`` can name); with every layer converted, on CPUs without oneDNN bf16 it takes UpcastLinear's
     # path too (8 rows through the engine: SmolLM2's 576 x 49152 head 28 -> 14 ms)
-    for module in model.modules():
-        if getattr(module, "lm_head", 0) is None and hasattr(module, "tied_head_linear"):
+    for module in model.modules() if every_layer else ():
+        if isinstance(module, CausalLM) and module.lm_head is None:
             w = module.model.embed_tokens.weight
-            if w.is_cpu and w.dtype in _PACK_DTYPES and every_layer:
-                if w.dtype not in ok:
-                    ok[w.dtype] = can_pack(w.dtype)
-                if not ok[w.dtype]:
-                    module.tied_head_linear = upcast_linear
+            if w.is_cpu and w.dtype in _PACK_DTYPES and not packable(w.dtype):
+                module.tied_head_linear = upcast_linear
     return model
 
 
