@@ -68,10 +68,11 @@ def model_decode(model_id: str | None, new_tokens: int, repeats: int) -> None:
     from torchvlm.generation.sampling import SamplingParams
     from torchvlm.gguf import smollm2_gguf_path
 
+    from bench_engine import story_prompts  # benchmarks/ is on sys.path when this script runs
+
     model_id = model_id or smollm2_gguf_path()
     model, processor = torchvlm.load(model_id, dtype="bf16", optimize=True)
-    prompts = [processor(messages=[{"role": "user", "content": f"Write a story about {t}."}])["input_ids"][0]
-               for t in ("a cat", "the sea", "a robot", "winter", "a city", "a garden", "the moon", "a library")]
+    prompts = story_prompts(processor, 8)
     params = SamplingParams(max_new_tokens=new_tokens)
     max_len = max(len(p) for p in prompts) + new_tokens + 1
 

@@ -23,6 +23,12 @@ from torchvlm.generation.sampling import SamplingParams
 TOPICS = ["a cat", "the sea", "a robot", "winter", "a city at night", "a garden", "the moon", "a library"]
 
 
+def story_prompts(processor, n: int) -> list:
+    """``n`` chat prompts (token ids ``[T]``), "Write a short story about ..." on 8 topics in turn."""
+    return [processor(messages=[{"role": "user", "content": f"Write a short story about {TOPICS[i % 8]}."}])
+            ["input_ids"][0] for i in range(n)]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model id/dir/.gguf (default: the SmolLM2 GGUF wheel)")
@@ -38,8 +44,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(ns.threads)
     model_id = ns.model or smollm2_gguf_path()
     model, processor = torchvlm.load(model_id, dtype=ns.dtype, quantize=ns.quantize, optimize=not ns.plain)
-    prompts = [processor(messages=[{"role": "user", "content": f"Write a short story about {TOPICS[i % 8]}."}])
-               ["input_ids"][0] for i in range(ns.requests)]
+    prompts = story_prompts(processor, ns.requests)
     params = SamplingParams(max_new_tokens=ns.new_tokens)
 
     generate(model, prompts[0][None], params=params, ignore_eos=True)  # warm-up
