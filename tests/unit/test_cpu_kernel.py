@@ -1,7 +1,8 @@
 """The C++ decode kernel for bf16/fp16 linear layers (torchvlm.nn.cpu_kernel, used by UpcastLinear on CPUs
 without oneDNN bf16 GEMMs) computes F.linear: one float32 sum per output rounded once, checked against a
-float64 product for every row-blocking path of the kernel (1, 2-3 and 4+ rows), weight-row tails and
-K not a multiple of the vector width; and it runs inside torch.compile as an opaque op."""
+float64 product for every row-blocking path of the kernel (1, 2-3 and 4+ rows), with and without a bias,
+K shorter than an unrolled loop, with steps left over after it and not a multiple of the vector width;
+and it runs inside torch.compile as an opaque op."""
 
 from __future__ import annotations
 
@@ -22,13 +23,14 @@ SPACING = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 9])
-@pytest.mark.parametrize("n,k", [(13, 40), (96, 64), (257, 33)])
-def test_kernel_rounds_the_exact_product_once(dtype, rows, n, k):
+@pytest.mark.parametrize("n,k,with_bias", [(13, 40, True), (96, 64, True), (257, 33, True), (40, 117, True),
+                                           (40, 117, False)])
+def test_kernel_rounds_the_exact_product_once(dtype, rows, n, k, with_bias):
     g = torch.Generator().manual_seed(rows * 1000 + n + k)
     w = torch.randn(n, k, generator=g).to(dtype)
     x = torch.randn(2, rows, k, generator=g).to(dtype)
-    bias = torch.randn(n, generator=g).to(dtype)
-    exact = F.linear(x.double(), w.double(), bias.double())
+    bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
+    exact = F.linear(x.double(), w.double(), None if bias is None else bias.double())
     got = lowp_linear(x, w, bias)
     assert got.dtype == dtype and got.shape == (2, rows, n)
     ulp = exact.abs().clamp_min(2.0**-6) * SPACING[dtype]
