@@ -185,9 +185,28 @@ def test_upcast_linear_rounds_like_bf16():
     assert lin.weight.grad is not None and big.grad.shape == big.shape
 
 
+def test_upcast_linear_upcasts_large_weights_in_blocks(monkeypatch):
+    """Below UPCAST_WHOLE_ROWS rows the weight is upcast a block of rows at a time (last block short), which
+    gives the whole upcast product's values, bias included; at UPCAST_WHOLE_ROWS rows it is upcast whole."""
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(96, 64, generator=g).bfloat16(), torch.randn(96, generator=g).bfloat16()
+    monkeypatch.setattr(fast, "UPCAST_BLOCK", 20 * 64)  # 20 weight rows a block: 5 blocks, the last of 16
+    real_linear, products = F.linear, []
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: products.append(w.shape[0]) or real_linear(x, w, b))
+    for rows, blocks in ((fast.UPCAST_MIN_ROWS, [20, 20, 20, 20, 16]), (fast.UPCAST_WHOLE_ROWS, [96])):
+        x = torch.randn(1, rows, 64, generator=g).bfloat16()
+        products.clear()
+        with torch.no_grad():
+            got = fast.upcast_linear(x, w, b)
+        assert products == blocks
+        want = real_linear(x.float(), w.float(), b.float()).bfloat16()
+        assert got.shape == (1, rows, 96) and torch.equal(got, want)
+
+
 def test_pack_linears_without_onednn_bf16_upcasts_prefill(ckpt, tmp_path, monkeypatch):
     """Where oneDNN has no bf16 GEMM the optimized model's linears are UpcastLinear: logits within bf16
-    rounding of the plain model's, for a prompt and for a one-row step, and checkpoints keep nn.Linear names."""
+    rounding of the plain model's, for prompts longer and shorter than UPCAST_MIN_ROWS and for a one-row step,
+    and checkpoints keep nn.Linear names."""
     monkeypatch.setattr(fast, "can_pack", lambda dtype=torch.bfloat16: False)
     plain = VLM.from_pretrained(ckpt, dtype="bf16")
     fast_model = pack_linears(VLM.from_pretrained(ckpt, dtype="bf16"))
@@ -196,8 +215,10 @@ def test_pack_linears_without_onednn_bf16_upcasts_prefill(ckpt, tmp_path, monkey
     lm = fast_model.language_model
     assert (lm.tied_head_linear is fast.upcast_linear) == (lm.lm_head is None)  # qwen2's head is tied
     assert plain.language_model.tied_head_linear is F.linear
-    ids = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(_logits(fast_model, ids).float(), _logits(plain, ids).float(), atol=0.05, rtol=0)
+    ids = torch.randint(3, VOCAB, (1, fast.UPCAST_MIN_ROWS + 4), generator=torch.Generator().manual_seed(1))
+    for prompt in (ids, ids[:, :20]):  # float32 GEMMs; the kernel (a short prompt)
+        torch.testing.assert_close(_logits(fast_model, prompt).float(), _logits(plain, prompt).float(), atol=0.05,
+                                   rtol=0)
     one = ids[:, :1]
     torch.testing.assert_close(_logits(fast_model, one).float(), _logits(plain, one).float(), atol=0.05, rtol=0)
     fast_model.save_pretrained(tmp_path / "out")

@@ -35,8 +35,15 @@ __all__ = ["PackedLinear", "UpcastLinear", "upcast_linear", "fuse_projections", 
 
 _PACK_DTYPES = (torch.bfloat16, torch.float16)
 
-#: Fewest rows (tokens) of a product that :class:`UpcastLinear` runs in float32.
-UPCAST_MIN_ROWS = 16
+#: Fewest rows (tokens) of a product that :class:`UpcastLinear` runs in float32 (fewer: the C++ kernel, which
+#: measured faster up to ~44 rows on SmolLM2's layers and ~64 on Qwen2-1.5B's, 2 AVX2 cores).
+UPCAST_MIN_ROWS = 40
+#: Weights upcast at a time for products of fewer than :data:`UPCAST_WHOLE_ROWS` rows: a 4 MB float32 block
+#: stays in cache for its GEMM, where a whole large copy is written to memory (and page-faulted) first:
+#: Qwen2-1.5B's layers at 128 rows 640 -> 327 ms. Larger products upcast whole weights: their GEMMs
+#: dominate and run faster whole (a ViT's 1024 rows: 672 vs 711-770 ms in blocks).
+UPCAST_BLOCK = 1 << 20
+UPCAST_WHOLE_ROWS = 512
 
 
 # ---------------------------------------------------------------------------------------------- fusion
@@ -183,10 +190,11 @@ class UpcastLinear(nn.Linear):
     For CPUs where :func:`can_pack` is False (no AVX512-BF16 / AMX: oneDNN has no bf16 GEMM there), PyTorch
     multiplies bf16 matrices with a generic kernel at about 20 GFLOP/s on 2 AVX2 cores, however many rows.
     Products of at least :data:`UPCAST_MIN_ROWS` rows (prompt prefill, vision towers) run as the float32 MKL
-    GEMM on upcast copies of both operands, 5-8x faster; fewer rows (decode steps, continuous batching) run
-    in :func:`torchvlm.nn.cpu_kernel.lowp_linear`, which reads the bf16 weight once for all rows (1.0-1.3x
-    at one row, 2-3.4x at 4-8 rows on 2 AVX2 cores; ``F.linear`` where it cannot be built, or while autograd
-    records). Each output is accumulated in float32 and rounded to the layer's dtype once, as the bf16
+    GEMM on upcast copies of both operands (the weight a block of :data:`UPCAST_BLOCK` at a time below
+    :data:`UPCAST_WHOLE_ROWS` rows), 5-8x faster; fewer rows (decode steps, continuous batching, short
+    prompts) run in :func:`torchvlm.nn.cpu_kernel.lowp_linear`, which reads the bf16 weight once for all rows
+    (1.1-1.5x at one row, 3-5x at 4-8 rows on 2 AVX2 cores; ``F.linear`` where it cannot be built, or while
+    autograd records). Each output is accumulated in float32 and rounded to the layer's dtype once, as the bf16
     kernel does, only in another order: not bit-identical to ``F.linear`` in bf16, equal within its
     rounding. Same parameters and ``state_dict`` as ``nn.Linear``.
     """
@@ -204,9 +212,21 @@ class UpcastLinear(nn.Linear):
 
 def upcast_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """:class:`UpcastLinear`'s product as a function (also a tied LM head's on such CPUs, see :func:`pack_linears`)."""
-    if x.dtype in _PACK_DTYPES and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]:
-        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
-    return lowp_linear(x, weight, bias)
+    rows = x.numel() // max(1, x.shape[-1])
+    if x.dtype not in _PACK_DTYPES or rows < UPCAST_MIN_ROWS:
+        return lowp_linear(x, weight, bias)
+    xf = x.float()
+    n, k = weight.shape
+    block = max(1, UPCAST_BLOCK // k)
+    if rows >= UPCAST_WHOLE_ROWS or block >= n or (torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
+        return F.linear(xf, weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    out = x.new_empty(*x.shape[:-1], n)
+    xf, flat = xf.reshape(rows, k), out.view(rows, n)
+    for n0 in range(0, n, block):  # the weight upcast a block at a time (UPCAST_BLOCK)
+        flat[:, n0:n0 + block] = F.linear(xf, weight[n0:n0 + block].float(),
+                                          None if bias is None else bias[n0:n0 + block].float())
+    return out
 
 
 def pack_linears(model: nn.Module, *, include=None) -> nn.Module:
