@@ -42,6 +42,25 @@ def test_continuous_batching_equals_sequential_greedy(text_model):
         assert got[rid] == ref, rid
 
 
+def test_requests_admitted_together_share_one_prefill(text_model, monkeypatch):
+    """Requests admitted in the same step are prefilled in one forward (right-padded prompts), and each still
+    gets exactly the tokens of a lone generate call; a request that would reuse the prefix another of them
+    stores (a shared system prompt) waits for it and reuses it instead."""
+    g = torch.Generator().manual_seed(4)
+    system = torch.randint(3, 128, (20,), generator=g)
+    prompts = _prompts(4, seed=6) + [torch.cat([system, torch.tensor([5, 6])]), torch.cat([system, torch.tensor([7])])]
+    engine = Engine(text_model, max_batch_size=6, max_len=64)
+    groups = []
+    real = engine._prefill
+    monkeypatch.setattr(engine, "_prefill", lambda group: groups.append([r.id for r, *_ in group]) or real(group))
+    ids = [engine.add_request(p, params=SamplingParams(max_new_tokens=5), ignore_eos=True) for p in prompts]
+    got = engine.run()
+    assert groups == [ids[:5], ids[5:]]  # the last one reuses the 5th one's 20-token prefix
+    assert engine.prefix_cache.reused_tokens == 20
+    for rid, p in zip(ids, prompts):
+        assert got[rid] == generate(text_model, p[None], max_new_tokens=5, ignore_eos=True).sequences[0].tolist()
+
+
 def test_requests_joining_mid_flight(text_model):
     prompts = _prompts(4, seed=1)
     engine = Engine(text_model, max_batch_size=4, max_len=64)

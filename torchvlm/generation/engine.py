@@ -9,7 +9,8 @@
 Each request owns one row of the cache. Running requests always occupy rows ``0 .. n-1`` (a finished one
 is replaced by the last row, whose keys/values are copied over), so a decode step works on a contiguous view
 of ``n`` rows: one forward with per-row cache slots and rope positions, then each request samples with its
-own settings and seed. A new request is prefilled alone into its row, then decodes with the others.
+own settings and seed. New requests are prefilled into their rows (those admitted in the same step in one
+forward where they can share it), then decode with the others.
 
 Image features are cached by the content hash of the request's pixels, so the same image sent again skips
 the vision tower. Everything the engine holds is explicit state of the engine object, never of the model.
@@ -59,6 +60,12 @@ class _Request:
     length: int = 0  # tokens in the cache
     position: int = 0  # rope position of the next token
     last: int | None = None  # sampled token not yet fed to the model
+
+
+def _batchable(inputs) -> bool:
+    """Whether a prefill can share a forward with others (see ``Engine._prefill``): no padding mask, no
+    prefix-LM block and no per-layer additions, which the padded batch would have to carry row by row."""
+    return inputs.key_valid is None and inputs.prefix_len is None and inputs.layer_adds is None
 
 
 class ImageFeatureCache:
@@ -229,12 +236,23 @@ class Engine:
         """Admit waiting requests into free rows (prefill + first token), then run one decode step for every
         running request. Returns one :class:`RequestOutput` per token produced."""
         outputs: list[RequestOutput] = []
+        admitted = []
         while self.waiting and len(self.running) < self.max_batch_size:
             req = self.waiting.popleft()
-            row = len(self.running)
+            admitted.append((req, len(self.running), self._prepare(req)))
             self.running.append(req)
-            logits = self._prefill(req, row)
-            outputs.append(self._accept(req, logits))
+        i = 0
+        while i < len(admitted):  # runs of consecutive requests are prefilled together: see _prefill
+            group = [self._with_reuse(*admitted[i])]
+            if not group[0][3] and _batchable(group[0][2]):
+                for item in admitted[i + 1:]:
+                    item = self._with_reuse(*item)
+                    if item[3] or not _batchable(item[2]) or self._would_reuse(item[0], group):
+                        break
+                    group.append(item)
+            for (req, *_), logits in zip(group, self._prefill(group)):
+                outputs.append(self._accept(req, logits))
+            i += len(group)
         self._drop_finished(outputs)
         if self.running:
             logits = self._decode()
@@ -253,34 +271,79 @@ class Engine:
         return done
 
     # ------------------------------------------------------------------------------------------ internals
-    def _prefill(self, req: _Request, row: int) -> Tensor:
-        model, lm = self.model, self.model.language_model
+    def _prepare(self, req: _Request):
+        """A request's decoder inputs (:class:`ModelInputs`), image features from the cache or the tower."""
+        model = self.model
         ids = req.input_ids[None]
         extra = dict(req.model_inputs)
         pixel_values = extra.pop("pixel_values", None)
         if pixel_values is not None:  # the image's own inputs (e.g. its grid) travel with it and key the cache
             image_inputs = {k: extra[k] for k in model.image_inputs if k in extra}
             extra["image_features"] = self.image_cache.get_or_compute(model, pixel_values, **image_inputs)
-        inputs = model.prepare_inputs(ids, torch.ones_like(ids), **extra)
-        cache = self.cache.rows(row)
-        token_list = req.input_ids.tolist()
-        reuse, key = self._reusable_prefix(token_list, inputs)
-        if reuse:  # copy the stored keys/values in, run only the rest of the prompt
-            k_src, v_src = self.prefix_cache.get(key)
-            for k, v, ks, vs in zip(cache.k, cache.v, k_src, v_src):
-                k[0, :, :reuse] = ks[:, :reuse]
-                v[0, :, :reuse] = vs[:, :reuse]
-            self.prefix_cache.reused_tokens += reuse
-        # one unpadded row: key_valid is None
-        hidden, _ = lm.model(inputs.embeds[:, reuse:], inputs.positions[:, reuse:], cache=cache, start=reuse,
-                             **inputs.decoder_kwargs(reuse))
-        if self.prefix_cache is not None and inputs.prefix_len is None:
-            n = self._text_prefix_len(token_list)
-            self.prefix_cache.store(token_list[:n], [k[0, :, :n].clone() for k in cache.k],
-                                    [v[0, :, :n].clone() for v in cache.v])
-        req.length = ids.shape[1]
-        req.position = int(inputs.last_positions()[0, 0]) + 1
-        return lm.logits(hidden[:, -1])
+        return model.prepare_inputs(ids, torch.ones_like(ids), **extra)
+
+    def _with_reuse(self, req: _Request, row: int, inputs) -> tuple:
+        """``(req, row, inputs, reuse, key)``: the prompt tokens it takes from the prefix cache as it is now."""
+        return (req, row, inputs, *self._reusable_prefix(req.input_ids.tolist(), inputs))
+
+    def _would_reuse(self, req: _Request, group: list) -> bool:
+        """Whether ``req`` would reuse the prefix that a request of ``group`` stores once prefilled (a shared
+        system prompt): then it waits for that prefill rather than recomputing the prefix beside it."""
+        if self.prefix_cache is None:
+            return False
+        ids = req.input_ids.tolist()
+        mine = ids[: min(self._text_prefix_len(ids), len(ids) - 1)]
+        for other, _, inputs, _, _ in group:
+            theirs = other.input_ids.tolist()
+            theirs = theirs[: self._text_prefix_len(theirs)]
+            n = next((j for j, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+            if inputs.prefix_len is None and n >= self.prefix_cache.min_len:
+                return True
+        return False
+
+    def _prefill(self, group: list) -> list[Tensor]:
+        """Prefill ``(request, row, inputs, reuse, key)`` items on consecutive rows; returns each request's
+        first logits ``[1, V]``. Several items run as one forward (8 short prompts: one pass over the
+        weights instead of 8): prompts right-padded to the longest, so that causal attention keeps each real
+        token off the padding, whose keys land in slots that the request's decode steps overwrite or mask
+        (``key_valid``). Only requests that reuse no cached prefix, would not reuse one that an earlier
+        request of the group stores, and need no per-row decoder inputs (``_batchable``) are grouped."""
+        lm = self.model.language_model
+        row = group[0][1]
+        cache = self.cache.rows(slice(row, row + len(group)))
+        if len(group) == 1:
+            req, _, inputs, reuse, key = group[0]
+            if reuse:  # copy the stored keys/values in, run only the rest of the prompt
+                k_src, v_src = self.prefix_cache.get(key)
+                for k, v, ks, vs in zip(cache.k, cache.v, k_src, v_src):
+                    k[0, :, :reuse] = ks[:, :reuse]
+                    v[0, :, :reuse] = vs[:, :reuse]
+                self.prefix_cache.reused_tokens += reuse
+            # one unpadded row: key_valid is None
+            hidden, _ = lm.model(inputs.embeds[:, reuse:], inputs.positions[:, reuse:], cache=cache, start=reuse,
+                                 **inputs.decoder_kwargs(reuse))
+            last = hidden[:, -1]
+        else:
+            longest = max(g[2].embeds.shape[1] for g in group)
+
+            def padded(t: Tensor) -> Tensor:  # [1, T, ...] -> [1, longest, ...], zeros after the prompt
+                return torch.cat([t, t.new_zeros(1, longest - t.shape[1], *t.shape[2:])], dim=1)
+
+            embeds = torch.cat([padded(g[2].embeds) for g in group])
+            positions = torch.cat([padded(g[2].positions) for g in group])
+            hidden, _ = lm.model(embeds, positions, cache=cache, start=0)
+            ends = torch.tensor([g[2].embeds.shape[1] - 1 for g in group], device=hidden.device)
+            last = hidden[torch.arange(len(group), device=hidden.device), ends]
+        logits = lm.logits(last)
+        for i, (req, _, inputs, _, _) in enumerate(group):
+            if self.prefix_cache is not None and inputs.prefix_len is None:
+                token_list = req.input_ids.tolist()
+                n = self._text_prefix_len(token_list)
+                self.prefix_cache.store(token_list[:n], [k[i, :, :n].clone() for k in cache.k],
+                                        [v[i, :, :n].clone() for v in cache.v])
+            req.length = req.input_ids.numel()
+            req.position = int(inputs.last_positions()[0, 0]) + 1
+        return [logits[i:i + 1] for i in range(len(group))]
 
     def _text_prefix_len(self, ids: list[int]) -> int:
         """Tokens before the first image / video token (equal media token ids may carry different media)."""
