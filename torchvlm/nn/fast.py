@@ -193,8 +193,8 @@ class UpcastLinear(nn.Linear):
     GEMM on upcast copies of both operands (the weight a block of :data:`UPCAST_BLOCK` at a time below
     :data:`UPCAST_WHOLE_ROWS` rows), 5-8x faster; fewer rows (decode steps, continuous batching, short
     prompts) run in :func:`torchvlm.nn.cpu_kernel.lowp_linear`, which reads the bf16 weight once for all rows
-    (1.1-1.5x at one row, 3-5x at 4-8 rows on 2 AVX2 cores; ``F.linear`` where it cannot be built, or while
-    autograd records). Each output is accumulated in float32 and rounded to the layer's dtype once, as the bf16
+    (1.3-1.5x at one row, 3-4.8x at 4-8 rows on 2 AVX2 cores; ``F.linear`` where it cannot be built, or
+    while autograd records). Each output is accumulated in float32 and rounded to the layer's dtype once, as the bf16
     kernel does, only in another order: not bit-identical to ``F.linear`` in bf16, equal within its
     rounding. Same parameters and ``state_dict`` as ``nn.Linear``.
     """

@@ -10,6 +10,7 @@
 // halves of a step and unrolled steps have their own accumulators, 8 in all, to hide the FMA latency. The
 // input rows are widened to float32 once per call.
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <type_traits>
 
