@@ -59,6 +59,16 @@ def test_requests_admitted_together_share_one_prefill(text_model, monkeypatch):
     assert engine.prefix_cache.reused_tokens == 20
     for rid, p in zip(ids, prompts):
         assert got[rid] == generate(text_model, p[None], max_new_tokens=5, ignore_eos=True).sequences[0].tolist()
+    # prefill_batch_tokens bounds a group's padded tokens: requests x its longest prompt
+    engine = Engine(text_model, max_batch_size=6, max_len=64, prefill_batch_tokens=40, prefix_cache_tokens=0)
+    groups.clear()
+    real = engine._prefill
+    monkeypatch.setattr(engine, "_prefill", lambda group: groups.append([r.id for r, *_ in group]) or real(group))
+    ids = [engine.add_request(p, params=SamplingParams(max_new_tokens=2), ignore_eos=True) for p in prompts]
+    engine.run()
+    longest = [max(len(prompts[ids.index(r)]) for r in g) for g in groups]
+    assert [r for g in groups for r in g] == ids and all(len(g) * n <= 40 for g, n in zip(groups, longest))
+    assert len(groups) < 5 and ids[4] in groups[-2] and ids[5] in groups[-1]  # the short prompts still share
 
 
 def test_requests_joining_mid_flight(text_model):

@@ -153,12 +153,15 @@ class Engine:
             at 4096 to bound memory.
         image_cache_size: image feature cache entries (0 disables it).
         prefix_cache_tokens: prompt tokens whose keys/values are kept for prefix reuse (0 disables it).
+        prefill_batch_tokens: most padded prompt tokens (requests x longest prompt) prefilled in one forward
+            when several requests join in the same step; bounds the activation memory and the padding spent
+            on prompts of unequal length (a request whose prompt alone exceeds it prefills alone).
             Reuse stops before the first image token and is off for prefix-LM families (PaliGemma),
             whose prompt keys depend on later prompt tokens.
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 8, max_len: int | None = None,
-                 image_cache_size: int = 32, prefix_cache_tokens: int = 4096):
+                 image_cache_size: int = 32, prefix_cache_tokens: int = 4096, prefill_batch_tokens: int = 2048):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -168,6 +171,7 @@ class Engine:
         self.waiting: deque[_Request] = deque()
         self.image_cache = ImageFeatureCache(image_cache_size)
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
+        self.prefill_batch_tokens = prefill_batch_tokens
         self._ids = itertools.count()
 
     # ------------------------------------------------------------------------------------------ requests
@@ -245,9 +249,12 @@ class Engine:
         while i < len(admitted):  # runs of consecutive requests are prefilled together: see _prefill
             group = [self._with_reuse(*admitted[i])]
             if not group[0][3] and _batchable(group[0][2]):
+                longest = group[0][2].embeds.shape[1]
                 for item in admitted[i + 1:]:
                     item = self._with_reuse(*item)
-                    if item[3] or not _batchable(item[2]) or self._would_reuse(item[0], group):
+                    longest = max(longest, item[2].embeds.shape[1])
+                    if (item[3] or not _batchable(item[2]) or self._would_reuse(item[0], group)
+                            or (len(group) + 1) * longest > self.prefill_batch_tokens):
                         break
                     group.append(item)
             for (req, *_), logits in zip(group, self._prefill(group)):
@@ -307,7 +314,8 @@ class Engine:
         weights instead of 8): prompts right-padded to the longest, so that causal attention keeps each real
         token off the padding, whose keys land in slots that the request's decode steps overwrite or mask
         (``key_valid``). Only requests that reuse no cached prefix, would not reuse one that an earlier
-        request of the group stores, and need no per-row decoder inputs (``_batchable``) are grouped."""
+        request of the group stores, and need no per-row decoder inputs (``_batchable``) are grouped, at
+        most ``prefill_batch_tokens`` padded tokens in all."""
         lm = self.model.language_model
         row = group[0][1]
         cache = self.cache.rows(slice(row, row + len(group)))
