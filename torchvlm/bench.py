@@ -434,6 +434,41 @@ def _run_torchvlm(spec: dict, res: dict) -> None:
         return times, [int(x) for x in toks]
 
     _timed_runs(gen, spec, res)
+    if spec.get("concurrent", 0) > 1 and not spec.get("compile"):
+        _concurrent_runs(model, spec, res)
+
+
+def _concurrent_runs(model, spec: dict, res: dict) -> None:
+    """``concurrent`` requests of the benchmark prompt through the continuous-batching :class:`Engine` (prefix
+    reuse off, so each computes its whole prompt): aggregate decode tok/s (the tokens after the engine's first
+    step, which prefills them all, over the time after it; the batch-1 ``decode_tps`` is measured the same
+    way, after the first token) and end to end; best of ``repeats``."""
+    import torch
+
+    from .generation.engine import Engine
+    from .generation.sampling import SamplingParams
+
+    requests, n = spec["concurrent"], spec["new_tokens"]
+    ids = torch.tensor(spec["input_ids"], dtype=torch.long)
+    params = SamplingParams(max_new_tokens=n)
+    decode, total = [], []
+    for _ in range(spec["repeats"]):
+        engine = Engine(model, max_batch_size=requests, max_len=len(ids) + n + 1, prefix_cache_tokens=0)
+        for _ in range(requests):
+            engine.add_request(ids, params=params, ignore_eos=True)
+        t0 = time.perf_counter()
+        outputs = engine.step()
+        t_first, later = time.perf_counter(), 0
+        if len(outputs) != 2 * requests:  # each request's first token (prefill) and one decode step
+            raise RuntimeError(f"the engine's first step gave {len(outputs)} tokens for {requests} requests")
+        while engine.has_work():
+            later += len(engine.step())
+        t_end = time.perf_counter()
+        decode.append(later / max(t_end - t_first, 1e-9))
+        total.append(requests * n / (t_end - t0))
+    res["concurrent"] = {"requests": requests, "decode_tps": max(decode), "total_tps": max(total),
+                         "ratio": max(decode) / res["decode_tps"] if res.get("decode_tps") else None,
+                         "samples": {"decode_tps": decode, "total_tps": total}}
 
 
 def _run_hf(spec: dict, res: dict) -> None:
@@ -831,6 +866,7 @@ def run_bench(
     prompt_tokens: int = 128,
     new_tokens: int = 64,
     repeats: int = 2,
+    concurrent: int = 0,
     image: bool = True,
     bandwidth_mb: int = 512,
     cache_dir: str | os.PathLike | None = None,
@@ -840,7 +876,8 @@ def run_bench(
     """Run the benchmark and return the report dict (the ``--json`` output; see ``benchmarks/README.md``).
 
     ``model`` is a directory / ``.gguf`` file / hub id or ``"smollm2"``; or give ``synthetic`` (a key of
-    :data:`SYNTHETIC`). ``log`` (a callable taking a string) gets progress lines.
+    :data:`SYNTHETIC`). ``concurrent`` > 1 also runs that many requests at once through the continuous-batching
+    engine in each eager torchvlm configuration. ``log`` (a callable taking a string) gets progress lines.
     """
     import torch
 
@@ -858,6 +895,8 @@ def run_bench(
         raise ConfigError(f"--new-tokens must be >= 2 (decode speed needs two tokens), got {new_tokens}")
     if repeats < 1 or prompt_tokens < 1:
         raise ConfigError("--repeats and --prompt-tokens must be >= 1")
+    if concurrent < 0 or concurrent == 1:
+        raise ConfigError(f"--concurrent: give 2 or more requests (0 skips it), got {concurrent}")
     threads = threads or torch.get_num_threads()
     cache = bench_cache_dir(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
@@ -891,7 +930,7 @@ def run_bench(
         work = _workload(path, info, is_synth, prompt, prompt_tokens, image, tmp)
         report["workload"] = {
             "prompt": work["prompt"], "prompt_tokens": len(work["input_ids"]), "new_tokens": new_tokens,
-            "repeats": repeats, "greedy": True, "ignore_eos": True, "batch_size": 1,
+            "repeats": repeats, "greedy": True, "ignore_eos": True, "batch_size": 1, "concurrent": concurrent,
             "image_prompt_tokens": len(work["image"]["input_ids"]) if "image" in work else None,
             "image_size": work["image"]["image_size"] if "image" in work else None,
         }
@@ -909,13 +948,13 @@ def run_bench(
             for suffix, opt, comp in variants:
                 for d in dtypes:
                     plans.append({**base, "engine": "torchvlm", "label": f"torchvlm {d}{suffix}", "dtype": d,
-                                  "weights": str(path), "optimize": opt, "compile": comp})
+                                  "weights": str(path), "optimize": opt, "compile": comp, "concurrent": concurrent})
                 qdtype = "bf16" if "bf16" in dtypes else dtypes[0]
                 for q in quantize:
                     plan = {**base, "engine": "torchvlm",
                             "label": f"torchvlm {q}" + ("+head" if quantize_head else "") + suffix,
                             "dtype": qdtype, "quantize": q, "quantize_head": quantize_head, "weights": str(path),
-                            "optimize": opt, "compile": comp}
+                            "optimize": opt, "compile": comp, "concurrent": concurrent}
                     if not _quantize_available():
                         plan["skip"] = "torchvlm.nn.quant.quantize_model is not available yet"
                     plans.append(plan)
@@ -1043,6 +1082,12 @@ def format_report(report: dict) -> str:
     if report["ratios"]:
         lines.append("")
         lines += [r["text"] for r in report["ratios"]]
+    for r in report["results"]:
+        c = r.get("concurrent") if r["status"] == "ok" else None
+        if c:
+            lines.append(f"{r['label']}: {c['requests']} concurrent requests (continuous batching): "
+                         f"{c['decode_tps']:.1f} tok/s decode = {_fmt(c['ratio'], '.2f')}x its batch-1 decode; "
+                         f"{c['total_tps']:.1f} tok/s end to end (prefills included)")
     for a in report.get("token_agreement", []):
         lines.append(f"greedy tokens {a['engine']} vs {a['vs']}: "
                      + ("identical" if a["same"] else f"differ from token {a['first_difference']} on"))
@@ -1080,6 +1125,9 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length of synthetic models (random ids)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per timed run (default 64)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per engine, best kept (default 2)")
+    p.add_argument("--concurrent", type=int, default=0, metavar="N",
+                   help="also run N requests at once through the continuous-batching engine (eager torchvlm "
+                        "rows): aggregate decode tok/s and its ratio to batch 1 (default: off)")
     p.add_argument("--no-image", action="store_true", help="skip the TTFT-with-one-image measurement")
     p.add_argument("--bandwidth-mb", type=int, default=512, help="size of the bandwidth probe buffer (MiB)")
     p.add_argument("--cache-dir", default=None, help="synthetic / converted checkpoints (default "
@@ -1104,7 +1152,8 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         quantize=_csv(ns.quantize), quantize_head=ns.quantize_head, compile=ns.compile, plain=ns.plain,
         threads=ns.threads, prompt=ns.prompt,
         prompt_tokens=ns.prompt_tokens,
-        new_tokens=ns.new_tokens, repeats=ns.repeats, image=not ns.no_image, bandwidth_mb=ns.bandwidth_mb,
+        new_tokens=ns.new_tokens, repeats=ns.repeats, concurrent=ns.concurrent, image=not ns.no_image,
+        bandwidth_mb=ns.bandwidth_mb,
         cache_dir=ns.cache_dir, timeout=ns.timeout,
         log=None if ns.quiet else (lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True)),
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import pytest
 import torch
 
 from torchvlm import bench
@@ -110,6 +111,26 @@ def test_bad_arguments_are_one_line_errors(capsys):
     assert "unknown engine" in capsys.readouterr().err
     assert bench.main(["--synthetic", "tiny", "--new-tokens", "1"]) == 2
     assert "--new-tokens" in capsys.readouterr().err
+    assert bench.main(["--synthetic", "tiny", "--concurrent", "1"]) == 2
+    assert "--concurrent" in capsys.readouterr().err
+
+
+def test_concurrent_requests_through_the_engine(tmp_path, capsys):
+    """--concurrent N runs N requests at once through the continuous-batching engine in the eager torchvlm
+    rows and reports their aggregate decode rate against the same row's batch-1 decode."""
+    out = tmp_path / "bench.json"
+    assert bench.main(["--synthetic", "tiny", "--engines", "torchvlm", "--dtype", "fp32", "--concurrent", "3",
+                       "--new-tokens", "5", "--repeats", "1", "--bandwidth-mb", "8", "--cache-dir",
+                       str(tmp_path / "cache"), "--json", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "torchvlm fp32: 3 concurrent requests (continuous batching): " in printed
+    report = json.loads(out.read_text())
+    assert report["workload"]["concurrent"] == 3
+    row = report["results"][0]
+    assert row["status"] == "ok", row.get("error")
+    c = row["concurrent"]
+    assert c["requests"] == 3 and c["decode_tps"] > 0 and c["total_tps"] > 0
+    assert c["ratio"] == pytest.approx(c["decode_tps"] / row["decode_tps"])
 
 
 def test_synthetic_qwen_vl_goes_through_its_processor(tmp_path):
