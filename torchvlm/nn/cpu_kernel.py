@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["lowp_linear", "kernel_available"]
+__all__ = ["lowp_linear", "kernel_available", "records_grad"]
 
 _SOURCE = Path(__file__).with_name("lowp_linear.cpp")
 _C_TYPES = {torch.bfloat16: "at::BFloat16", torch.float16: "at::Half"}
@@ -60,6 +60,12 @@ def kernel_available(dtype: torch.dtype = torch.bfloat16) -> bool:
     return _kernel(dtype) is not None
 
 
+def records_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> bool:
+    """Whether autograd records a product of these operands (then the fast paths leave it to ``F.linear``)."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
+
+
 def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     kernel = _kernel(weight.dtype)
     if (kernel is None or x.dtype != weight.dtype or x.device.type != "cpu" or not weight.is_contiguous()
@@ -90,9 +96,8 @@ def lowp_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Ten
     """``F.linear(x, weight, bias)`` for a bf16/fp16 CPU weight through the C++ kernel (float32 accumulation,
     one rounding to ``x.dtype``); ``F.linear`` itself where the kernel does not apply or autograd needs a
     graph. Under ``torch.compile`` it is the opaque custom op ``torchvlm::lowp_linear``."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    if records_grad(x, weight, bias):
         return F.linear(x, weight, bias)
     if torch.compiler.is_compiling():
         return torch.ops.torchvlm.lowp_linear(x, weight, bias)
-    return _run(x, weight, bias)  # eager: skip the custom-op dispatch (~10 us a call)
+    return _run(x, weight, bias)  # eager: skip the op dispatch (~15 us a call)

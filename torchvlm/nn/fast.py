@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cpu_kernel import kernel_available, lowp_linear
+from .cpu_kernel import kernel_available, lowp_linear, records_grad
 
 __all__ = ["PackedLinear", "UpcastLinear", "upcast_linear", "fuse_projections", "pack_linears",
            "optimize_for_inference", "can_pack"]
@@ -194,9 +194,9 @@ class UpcastLinear(nn.Linear):
     :data:`UPCAST_WHOLE_ROWS` rows), 5-8x faster; fewer rows (decode steps, continuous batching, short
     prompts) run in :func:`torchvlm.nn.cpu_kernel.lowp_linear`, which reads the bf16 weight once for all rows
     (1.3-1.5x at one row, 3-4.8x at 4-8 rows on 2 AVX2 cores; ``F.linear`` where it cannot be built, or
-    while autograd records). Each output is accumulated in float32 and rounded to the layer's dtype once, as the bf16
-    kernel does, only in another order: not bit-identical to ``F.linear`` in bf16, equal within its
-    rounding. Same parameters and ``state_dict`` as ``nn.Linear``.
+    while autograd records). Each output is accumulated in float32 and rounded to the layer's dtype once,
+    as the bf16 kernel does, only in another order: not bit-identical to ``F.linear`` in bf16, equal within
+    its rounding. Same parameters and ``state_dict`` as ``nn.Linear``.
     """
 
     @classmethod
@@ -218,8 +218,7 @@ def upcast_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     xf = x.float()
     n, k = weight.shape
     block = max(1, UPCAST_BLOCK // k)
-    if rows >= UPCAST_WHOLE_ROWS or block >= n or (torch.is_grad_enabled() and (
-            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
+    if rows >= UPCAST_WHOLE_ROWS or block >= n or records_grad(x, weight, bias):
         return F.linear(xf, weight.float(), None if bias is None else bias.float()).to(x.dtype)
     out = x.new_empty(*x.shape[:-1], n)
     xf, flat = xf.reshape(rows, k), out.view(rows, n)
