@@ -62,6 +62,11 @@ class _Request:
     last: int | None = None  # sampled token not yet fed to the model
 
 
+def _common_prefix_len(a, b) -> int:
+    """Number of leading tokens two id sequences share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def _batchable(inputs) -> bool:
     """Whether a prefill can share a forward with others (see ``Engine._prefill``): no padding mask, no
     prefix-LM block and no per-layer additions, which the padded batch would have to carry row by row."""
@@ -120,11 +125,7 @@ class PrefixCache:
         """Longest common prefix of ``ids`` with a stored prompt (at least ``min_len`` tokens): (length, key)."""
         best, best_key = 0, None
         for key in self._items:
-            n = 0
-            for a, b in zip(key, ids):
-                if a != b:
-                    break
-                n += 1
+            n = _common_prefix_len(key, ids)
             if n >= self.min_len and n > best:
                 best, best_key = n, key
         if best_key is not None:
@@ -298,13 +299,11 @@ class Engine:
         system prompt): then it waits for that prefill rather than recomputing the prefix beside it."""
         if self.prefix_cache is None:
             return False
-        ids = req.input_ids.tolist()
-        mine = ids[: min(self._text_prefix_len(ids), len(ids) - 1)]
+        mine = self._reusable_ids(req.input_ids.tolist())
         for other, _, inputs, _, _ in group:
             theirs = other.input_ids.tolist()
-            theirs = theirs[: self._text_prefix_len(theirs)]
-            n = next((j for j, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
-            if inputs.prefix_len is None and n >= self.prefix_cache.min_len:
+            stored = theirs[: self._text_prefix_len(theirs)]  # what _prefill stores for it
+            if inputs.prefix_len is None and _common_prefix_len(mine, stored) >= self.prefix_cache.min_len:
                 return True
         return False
 
@@ -361,10 +360,13 @@ class Engine:
     def _reusable_prefix(self, ids: list[int], inputs) -> tuple[int, tuple[int, ...] | None]:
         if self.prefix_cache is None or inputs.prefix_len is not None:
             return 0, None
-        # the last prompt token always runs (it yields the first logits); image tokens never come from the store
-        limit = min(self._text_prefix_len(ids), len(ids) - 1)
-        n, key = self.prefix_cache.lookup(ids[:limit])
+        n, key = self.prefix_cache.lookup(self._reusable_ids(ids))
         return (n, key) if key is not None else (0, None)
+
+    def _reusable_ids(self, ids: list[int]) -> list[int]:
+        """The prompt tokens that may come from the prefix store: the last one always runs (it yields the
+        first logits), and image tokens never come from the store."""
+        return ids[: min(self._text_prefix_len(ids), len(ids) - 1)]
 
     def _decode(self) -> Tensor:
         lm = self.model.language_model
