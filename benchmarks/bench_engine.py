@@ -17,7 +17,7 @@ import time
 import torch
 
 import torchvlm
-from torchvlm.generation.engine import Engine
+from torchvlm.bench import engine_timed
 from torchvlm.gguf import smollm2_gguf_path
 from torchvlm.generation.loop import generate, stream_generate
 from torchvlm.generation.sampling import SamplingParams
@@ -63,21 +63,8 @@ def main(argv=None) -> int:
         t_seq += t_end - t0
         seq_decode += t_end - t_first
 
-    engine = Engine(model, max_batch_size=ns.requests, max_len=max(len(x) for x in prompts) + ns.new_tokens + 1,
-                    prefix_cache_tokens=0)
-    t0 = time.perf_counter()
-    for ids in prompts:
-        engine.add_request(ids, params=params, ignore_eos=True)
-    batched: dict[str, list[int]] = {}
-    first_step, after_first = None, 0
-    while engine.has_work():
-        for out in engine.step():
-            batched.setdefault(out.request_id, []).append(out.token_id)
-            after_first += first_step is not None
-        if first_step is None:
-            first_step = time.perf_counter()
-    t_end = time.perf_counter()
-    t_batch, batch_decode = t_end - t0, t_end - first_step
+    run = engine_timed(model, prompts, params)
+    batched, t_batch, batch_decode, after_first = run["tokens"], run["total_s"], run["decode_s"], run["decode_tokens"]
     total = ns.requests * ns.new_tokens
     same = sum(batched[f"req-{i}"] == sequential[i] for i in range(ns.requests))
     print(f"model: {model_id}  dtype: {ns.dtype}  quantize: {ns.quantize}  layout: {'plain' if ns.plain else 'optimized'}"

@@ -47,6 +47,7 @@ __all__ = [
     "cmd_bench",
     "run_bench",
     "format_report",
+    "engine_timed",
     "measure_bandwidth",
     "make_synthetic",
     "bench_cache_dir",
@@ -438,34 +439,51 @@ def _run_torchvlm(spec: dict, res: dict) -> None:
         _concurrent_runs(model, spec, res)
 
 
+def engine_timed(model, prompts, params) -> dict:
+    """Run ``prompts`` (token ids ``[T]``) at once through a fresh continuous-batching :class:`Engine` (one row
+    each, prefix reuse off, so each computes its whole prompt) and time it: ``tokens`` (request id -> ids),
+    ``total_s``, ``first_step_tokens`` (the first step prefills every request, then decodes once),
+    ``decode_tokens`` and ``decode_s`` (those after the first step, and the time after it)."""
+    from .generation.engine import Engine
+
+    engine = Engine(model, max_batch_size=len(prompts), max_len=max(len(p) for p in prompts)
+                    + params.max_new_tokens + 1, prefix_cache_tokens=0)
+    for ids in prompts:
+        engine.add_request(ids, params=params, ignore_eos=True)
+    tokens: dict[str, list[int]] = {}
+    t0 = time.perf_counter()
+    first = engine.step()
+    t_first, later = time.perf_counter(), 0
+    for out in first:
+        tokens.setdefault(out.request_id, []).append(out.token_id)
+    while engine.has_work():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).append(out.token_id)
+            later += 1
+    t_end = time.perf_counter()
+    return {"tokens": tokens, "total_s": t_end - t0, "first_step_tokens": len(first), "decode_tokens": later,
+            "decode_s": t_end - t_first}
+
+
 def _concurrent_runs(model, spec: dict, res: dict) -> None:
-    """``concurrent`` requests of the benchmark prompt through the continuous-batching :class:`Engine` (prefix
-    reuse off, so each computes its whole prompt): aggregate decode tok/s (the tokens after the engine's first
-    step, which prefills them all, over the time after it; the batch-1 ``decode_tps`` is measured the same
-    way, after the first token) and end to end; best of ``repeats``."""
+    """``concurrent`` requests of the benchmark prompt through the continuous-batching engine
+    (:func:`engine_timed`): aggregate decode tok/s (the tokens after the engine's first step over the time
+    after it; the batch-1 ``decode_tps`` is measured the same way, after the first token) and end to end;
+    best of ``repeats``."""
     import torch
 
-    from .generation.engine import Engine
     from .generation.sampling import SamplingParams
 
     requests, n = spec["concurrent"], spec["new_tokens"]
     ids = torch.tensor(spec["input_ids"], dtype=torch.long)
-    params = SamplingParams(max_new_tokens=n)
     decode, total = [], []
     for _ in range(spec["repeats"]):
-        engine = Engine(model, max_batch_size=requests, max_len=len(ids) + n + 1, prefix_cache_tokens=0)
-        for _ in range(requests):
-            engine.add_request(ids, params=params, ignore_eos=True)
-        t0 = time.perf_counter()
-        outputs = engine.step()
-        t_first, later = time.perf_counter(), 0
-        if len(outputs) != 2 * requests:  # each request's first token (prefill) and one decode step
-            raise RuntimeError(f"the engine's first step gave {len(outputs)} tokens for {requests} requests")
-        while engine.has_work():
-            later += len(engine.step())
-        t_end = time.perf_counter()
-        decode.append(later / max(t_end - t_first, 1e-9))
-        total.append(requests * n / (t_end - t0))
+        run = engine_timed(model, [ids] * requests, SamplingParams(max_new_tokens=n))
+        if run["first_step_tokens"] != 2 * requests:  # each request's first token (prefill) and one decode step
+            raise RuntimeError(f"the engine's first step gave {run['first_step_tokens']} tokens for {requests} "
+                               "requests")
+        decode.append(run["decode_tokens"] / max(run["decode_s"], 1e-9))
+        total.append(requests * n / run["total_s"])
     res["concurrent"] = {"requests": requests, "decode_tps": max(decode), "total_tps": max(total),
                          "ratio": max(decode) / res["decode_tps"] if res.get("decode_tps") else None,
                          "samples": {"decode_tps": decode, "total_tps": total}}
