@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from torchvlm.nn import cpu_kernel
 from torchvlm.nn.cpu_kernel import kernel_available, lowp_linear
@@ -70,6 +71,81 @@ def test_kernel_under_torch_compile():
 
     def f(x):
         return torch.relu(lowp_linear(x, w, b)) * 2
+
+    with torch.no_grad():
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+        assert torch.equal(compiled, f(x))
+
+
+# ------------------------------------------------------------------------------------------- int4 kernel
+def _int4_layer(n: int, k: int, group_size: int, dtype: torch.dtype, seed: int):
+    from torchvlm.nn.quant import Int4Linear
+
+    torch.manual_seed(seed)
+    q = Int4Linear.from_linear(torch.nn.Linear(k, n, bias=False).to(dtype), group_size=group_size)
+    if not q.avx2_layout or not cpu_kernel.int4_kernel_available():
+        pytest.skip("the int4 kernel needs PyTorch's AVX2 int4 layout and an AVX2 build")
+    return q
+
+
+def _int4_exact(q, x: Tensor) -> tuple[Tensor, Tensor]:
+    """x @ W^T in float64 from the codes, scales and zeros; and a bound on a float32 sum's error: the
+    kernel sums s * sum(x q) and (z - 8 s) * sum(x) per group, terms up to (15 |s| + |z - 8 s|) |x|."""
+    sz = q.scale_zeros.double()
+    s, off = sz[..., 0].T, (sz[..., 1] - 8 * sz[..., 0]).T  # [N, K / G]
+    g = q.group_size
+    w = q.codes().double() * s.repeat_interleave(g, 1) + off.repeat_interleave(g, 1)
+    size = (15 * s.abs() + off.abs()).repeat_interleave(g, 1)
+    xd = x.double()
+    return xd @ w.T, xd.abs() @ size.T * 2.0**-20
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 8, 9])
+@pytest.mark.parametrize("n,k,group_size", [(96, 64, 32), (48, 256, 64), (16, 128, 128), (80, 512, 256),
+                                            (32, 96, 32)])
+def test_int4_kernel_rounds_the_exact_product_once(dtype, rows, n, k, group_size):
+    """Every row-blocking path (4 rows a pair of vectors at a time, 2, 1), full 32-row blocks and a 16-row
+    last block, each group size and dtype: within one rounding of the exact product (plus float32 summing)
+    and within the rounding of PyTorch's own int4 op."""
+    q = _int4_layer(n, k, group_size, dtype, seed=rows * 1000 + n + k)
+    x = torch.randn(rows, k, dtype=dtype)
+    sz = q.scale_zeros
+    got = cpu_kernel.int4_linear(x, q.qweight, group_size, sz)
+    assert got.dtype == dtype and got.shape == (rows, n)
+    exact, sum_error = _int4_exact(q, x)
+    ulp = exact.abs().clamp_min(2.0**-6) * SPACING.get(dtype, 2.0**-23)
+    assert ((got.double() - exact).abs() <= ulp * 0.5 + sum_error).all()
+    torch_op = torch._weight_int4pack_mm_for_cpu(x, q.qweight, group_size, sz).double()
+    assert ((got.double() - torch_op).abs() <= ulp * 1.01 + 2 * sum_error).all()
+
+
+def test_int4_layer_uses_the_kernel_and_falls_back(monkeypatch):
+    """Int4Linear's few-row path runs the op torchvlm::int4_linear (the profiler sees it); without a kernel
+    build the same call is PyTorch's int4 op on the same packed weight, with the same result up to rounding."""
+    q = _int4_layer(64, 128, 32, torch.bfloat16, seed=0)
+    x = torch.randn(3, 128).bfloat16()
+
+    def ops_of(fn):
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            out = fn()
+        return out, {e.key for e in prof.key_averages()}
+
+    ours, ops = ops_of(lambda: q(x))
+    assert "torchvlm::int4_linear" in ops and "aten::_weight_int4pack_mm_for_cpu" not in ops
+    monkeypatch.setattr(cpu_kernel, "_int4_op", lambda: False)
+    fallback, ops = ops_of(lambda: q(x))
+    assert "torchvlm::int4_linear" not in ops and "aten::_weight_int4pack_mm_for_cpu" in ops
+    torch.testing.assert_close(ours, fallback, rtol=2e-2, atol=2e-2)
+
+
+def test_int4_kernel_under_torch_compile():
+    """In a compiled graph the int4 kernel is the op torchvlm::int4_linear: same result as eager."""
+    q = _int4_layer(48, 64, 32, torch.bfloat16, seed=1)
+    x = torch.randn(2, 64).bfloat16()
+
+    def f(x):
+        return torch.relu(q(x)) * 2
 
     with torch.no_grad():
         compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x)

@@ -1,18 +1,23 @@
-"""A C++ kernel for decode-sized bf16/fp16 linear layers on CPUs without oneDNN bf16/fp16 GEMMs (AVX2).
+"""C++ kernels for decode-sized products on CPUs without oneDNN bf16/fp16 GEMMs (AVX2).
 
-There PyTorch multiplies bf16 matrices with a generic kernel at about 16-20 GFLOP/s on 2 cores whatever the
-number of rows, so a batch of 8 rows costs 8 single rows. The kernel in ``lowp_linear.cpp`` reads each
-weight row once, widens it to float32 in registers and accumulates with fused multiply-adds, several input
-rows per loaded weight vector (docs/performance.md has the figures). Each output is one float32 sum rounded
-once to the layer's dtype, as the bf16 ``F.linear`` rounds, only summed in another order: equal within bf16
-rounding, not bit-identical (tests/unit/test_cpu_kernel.py).
+``lowp_linear.cpp``: bf16/fp16 linear layers. There PyTorch multiplies bf16 matrices with a generic kernel
+at about 16-20 GFLOP/s on 2 cores whatever the number of rows, so a batch of 8 rows costs 8 single rows.
+The kernel reads each weight row once, widens it to float32 in registers and accumulates with fused
+multiply-adds, several input rows per loaded weight vector (docs/performance.md has the figures). Each
+output is one float32 sum rounded once to the layer's dtype, as the bf16 ``F.linear`` rounds, only summed
+in another order: equal within bf16 rounding, not bit-identical (tests/unit/test_cpu_kernel.py).
 
-It is built with PyTorch Inductor's C++ toolchain (the compiler, flags, vector ISA and OpenMP that
-``torch.compile`` uses on the CPU) on first use, which :func:`torchvlm.nn.fast.pack_linears` makes happen
-at load time: about a second, then cached on disk by Inductor. That toolchain is a private PyTorch API: if
-the build fails (no C++ compiler, another PyTorch version), a warning says why and ``F.linear`` is used;
-``TORCHVLM_CPU_KERNEL=0`` in the environment turns the kernel off the same way (for A/B timing). Inference
-only: with autograd recording, :func:`lowp_linear` is ``F.linear``.
+``int4_linear.cpp``: int4 weights in the layout ``torch._convert_weight_to_int4pack_for_cpu`` makes on an
+AVX2 CPU, the same product as ``torch._weight_int4pack_mm_for_cpu`` (which is slow there: ~1.7x at one
+row, docs/quantization.md). :mod:`torchvlm.nn.quant` calls it for int4 layers in that layout.
+
+Both are built with PyTorch Inductor's C++ toolchain (the compiler, flags, vector ISA and OpenMP that
+``torch.compile`` uses on the CPU) on first use, which :func:`torchvlm.nn.fast.pack_linears` and int4
+quantization make happen at load time: about a second each, then cached on disk by Inductor. That
+toolchain is a private PyTorch API: if a build fails (no C++ compiler, another PyTorch version, no AVX2 for
+the int4 kernel), a warning says why and the PyTorch op is used (``F.linear``,
+``_weight_int4pack_mm_for_cpu``); ``TORCHVLM_CPU_KERNEL=0`` in the environment turns both kernels off the
+same way (for A/B timing). Inference only: with autograd recording, :func:`lowp_linear` is ``F.linear``.
 """
 
 from __future__ import annotations
@@ -27,17 +32,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["lowp_linear", "kernel_available", "records_grad"]
+__all__ = ["lowp_linear", "int4_linear", "kernel_available", "int4_kernel_available", "records_grad"]
 
-_SOURCE = Path(__file__).with_name("lowp_linear.cpp")
-_C_TYPES = {torch.bfloat16: "at::BFloat16", torch.float16: "at::Half"}
 _ARGTYPES = ["const {w}*", "const {w}*", "const {w}*", "{w}*", "int64_t", "int64_t", "int64_t", "int64_t"]
+
+
+def _enabled() -> bool:
+    return os.environ.get("TORCHVLM_CPU_KERNEL", "1") != "0"
+
+
+def _build_failed(source: str, e: Exception, what: str) -> None:
+    warnings.warn(f"torchvlm: the C++ kernel {source} could not be built ({type(e).__name__}: {e}); {what} "
+                  "use the PyTorch op (slower on this CPU)", RuntimeWarning, stacklevel=4)
 
 
 @functools.cache
 def _kernel(dtype: torch.dtype) -> Optional[Callable]:
-    """The compiled kernel for ``dtype`` weights and rows, or None (with one warning) where it cannot be built."""
-    if dtype not in _C_TYPES or os.environ.get("TORCHVLM_CPU_KERNEL", "1") == "0":
+    """The bf16/fp16 linear kernel (``lowp_linear.cpp``) for ``dtype`` weights and rows, or None (with one
+    warning) where it cannot be built."""
+    if dtype not in (torch.bfloat16, torch.float16) or not _enabled():
         return None
     try:
         from torch._inductor import cpu_vec_isa
@@ -45,19 +58,42 @@ def _kernel(dtype: torch.dtype) -> Optional[Callable]:
 
         if not cpu_vec_isa.pick_vec_isa():
             raise RuntimeError("Inductor found no vector instruction set on this CPU")
-        c_type = _C_TYPES[dtype]
-        source = f"#define TORCHVLM_WEIGHT {c_type}\n" + _SOURCE.read_text()
-        return CppPythonBindingsCodeCache.load_pybinding([a.format(w=c_type) for a in _ARGTYPES], source)
+        c_type = {torch.bfloat16: "at::BFloat16", torch.float16: "at::Half"}[dtype]
+        code = f"#define TORCHVLM_WEIGHT {c_type}\n" + Path(__file__).with_name("lowp_linear.cpp").read_text()
+        return CppPythonBindingsCodeCache.load_pybinding([a.format(w=c_type) for a in _ARGTYPES], code)
     except Exception as e:  # noqa: BLE001 - any toolchain failure means: use F.linear
-        warnings.warn(f"torchvlm: the C++ {dtype} linear kernel ({_SOURCE.name}) could not be built "
-                      f"({type(e).__name__}: {e}); decode-sized {dtype} products use F.linear (slower on this CPU)",
-                      RuntimeWarning, stacklevel=2)
+        _build_failed("lowp_linear.cpp", e, f"decode-sized {dtype} products")
         return None
+
+
+@functools.cache
+def _int4_op() -> bool:
+    """Whether ``int4_linear.cpp`` is built and loaded, i.e. registered as the CPU kernel of the op
+    ``torchvlm::int4_linear`` (builds it on the first call; False with one warning where it cannot be)."""
+    if not _enabled():
+        return False
+    try:
+        from torch._inductor.codecache import CppCodeCache
+
+        class _LinkedToTorch(CppCodeCache):  # Inductor's C++ build, with libtorch's headers and libraries
+            cache: dict = {}
+            cpp_compile_command_flags = {"include_pytorch": True, "shared": True}
+
+        library = _LinkedToTorch.load(Path(__file__).with_name("int4_linear.cpp").read_text())
+        return bool(library.torchvlm_int4_linear_loaded())
+    except Exception as e:  # noqa: BLE001 - any toolchain failure means: use _weight_int4pack_mm_for_cpu
+        _build_failed("int4_linear.cpp", e, "int4 products")
+        return False
 
 
 def kernel_available(dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether the kernel for ``dtype`` weights builds on this machine (builds it on the first call)."""
     return _kernel(dtype) is not None
+
+
+def int4_kernel_available() -> bool:
+    """Whether the int4 kernel builds on this machine (builds it on the first call)."""
+    return _int4_op()
 
 
 def records_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> bool:
@@ -101,3 +137,25 @@ def lowp_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Ten
     if torch.compiler.is_compiling():
         return torch.ops.torchvlm.lowp_linear(x, weight, bias)
     return _run(x, weight, bias)  # eager: skip the op dispatch (~15 us a call)
+
+
+# The op's kernel in C++ is int4_linear.cpp, registered for the CPU when it is loaded (_int4_op). This
+# Python kernel serves everything else, e.g. a compiled graph where the C++ build failed.
+_LIB.define("int4_linear(Tensor x, Tensor qweight, int group_size, Tensor scale_zeros) -> Tensor")
+_LIB.impl("int4_linear", torch._weight_int4pack_mm_for_cpu, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("torchvlm::int4_linear")
+def _(x: Tensor, qweight: Tensor, group_size: int, scale_zeros: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], scale_zeros.shape[1]))
+
+
+def int4_linear(x: Tensor, qweight: Tensor, group_size: int, scale_zeros: Tensor) -> Tensor:
+    """``torch._weight_int4pack_mm_for_cpu(x, qweight, group_size, scale_zeros)`` for a weight packed in
+    PyTorch's AVX2 int4 layout (32-row blocks, a 16-row last block; the caller checks the layout), through
+    the C++ kernel where it builds, else that op. ``x [M, K]`` contiguous on the CPU, ``scale_zeros``
+    ``[K / group_size, N, 2]`` in ``x.dtype``; returns ``[M, N]`` in ``x.dtype``. No autograd. It is the
+    op ``torchvlm::int4_linear``, opaque under ``torch.compile``."""
+    if torch.compiler.is_compiling() or _int4_op():
+        return torch.ops.torchvlm.int4_linear.default(x, qweight, group_size, scale_zeros)
+    return torch._weight_int4pack_mm_for_cpu(x, qweight, group_size, scale_zeros)

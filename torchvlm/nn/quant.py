@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from . import cpu_kernel
 
 #: Accepted ``mode`` values of :func:`quantize_model`.
 SUPPORTED_MODES = ("int8", "int4")
@@ -231,6 +232,8 @@ class Int4Linear(QuantizedLinear):
         # of the regrouped codes (storage_rows); derived from the layout, not saved
         self.runs: Runs = ()
         self.register_buffer("storage_rows", None, persistent=False)
+        # the layout is PyTorch's AVX2 one, which torchvlm's own C++ kernel reads (faster there)
+        self.avx2_layout = False
 
     @staticmethod
     def kernel_accepts(in_features: int, out_features: int, group_size: int) -> bool:
@@ -263,6 +266,9 @@ class Int4Linear(QuantizedLinear):
             if packed is not None:
                 out.qweight, out.runs, out.storage_rows = packed
                 out.use_kernel = True
+                out.avx2_layout = _is_avx2_layout(n, out.runs, out.storage_rows)
+                if out.avx2_layout:
+                    cpu_kernel.int4_kernel_available()  # build (or find) the kernel now, not in the first step
             else:
                 pairs = codes.T.reshape(kp // 2, 2, n)
                 out.qweight.copy_(pairs[:, 0] | (pairs[:, 1] << 4))
@@ -324,8 +330,10 @@ class Int4Linear(QuantizedLinear):
     def _kernel(self, x: Tensor) -> Tensor:
         buffers = self._buffers
         sz = buffers["scale_zeros"]
-        return torch._weight_int4pack_mm_for_cpu(x, buffers["qweight"], self.group_size,
-                                                 sz if sz.dtype == x.dtype else sz.to(x.dtype))
+        sz = sz if sz.dtype == x.dtype else sz.to(x.dtype)
+        if self.avx2_layout:
+            return cpu_kernel.int4_linear(x, buffers["qweight"], self.group_size, sz)
+        return torch._weight_int4pack_mm_for_cpu(x, buffers["qweight"], self.group_size, sz)
 
 
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -410,6 +418,20 @@ def _cpu_int4_layout(n: int) -> tuple[Runs, Tensor] | None:
     # the rows behind each column of the unpacked result: the same regrouping, applied to the row ids
     regrouped = _regroup_bytes(row_of.view(n * k // 2, 2), k, runs)[0]  # [n / 2, 2] (low, high) of k = 0
     return runs, torch.cat((regrouped[:, 0], regrouped[:, 1]))
+
+
+def _is_avx2_layout(n: int, runs: Runs, storage_rows: Tensor) -> bool:
+    """Whether the CPU int4 layout of ``n`` rows is the one ``int4_linear.cpp`` reads: blocks of 32 rows with
+    row j in the low and row j + 16 in the high nibble of byte j, and for ``n % 32 == 16`` a last block of
+    16 rows with rows 2j and 2j + 1 in byte j (the AVX2 layout)."""
+    full, tail = n // 32, n % 32
+    want_runs = (((0, full, 32),) if full else ()) + (((full * 32, 1, 16),) if tail else ())
+    if runs != want_runs or tail not in (0, 16):
+        return False
+    j = torch.arange(16)
+    low = [32 * b + j for b in range(full)] + ([full * 32 + 2 * j[:8]] if tail else [])
+    high = [32 * b + 16 + j for b in range(full)] + ([full * 32 + 2 * j[:8] + 1] if tail else [])
+    return torch.equal(storage_rows, torch.cat(low + high))
 
 
 def _regroup_bytes(flat: Tensor, k: int, runs: Runs) -> Tensor:
