@@ -1,7 +1,9 @@
-"""The C++ bf16 decode kernel (torchvlm.nn.cpu_kernel) against PyTorch's bf16 F.linear, side by side.
+"""The C++ bf16 decode kernel (torchvlm.nn.cpu_kernel) against PyTorch's bf16 F.linear, side by side; with
+--int4 also the int4 kernel against PyTorch's int4 op.
 
     python benchmarks/bench_cpu_kernel.py                 # products, then SmolLM2-135M decode (GGUF wheel)
     python benchmarks/bench_cpu_kernel.py --skip-model    # products only
+    python benchmarks/bench_cpu_kernel.py --skip-model --int4
 
 On CPUs without oneDNN bf16 GEMMs (AVX2) the inference layout's UpcastLinear runs decode-sized products in
 the kernel. This measures, in one process and interleaved (best of --repeats each, so that a noisy machine
@@ -41,24 +43,57 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
+def _compare(items, in_features, base, kernel, mb: float, repeats: int, labels: tuple[str, str]) -> None:
+    """``base(x, item)`` against ``kernel(x, item)`` over all ``items`` (x of ``in_features(item)`` columns)
+    for 1, 2, 4 and 8 rows, interleaved."""
+    g = torch.Generator().manual_seed(1)
+    wa, wb = len(labels[0]) + 3, len(labels[1]) + 3
+    print(f"{'rows':>4}  {labels[0] + ' ms':>{wa}}  {labels[1] + ' ms':>{wb}}  {'kernel GB/s':>11}  {'speed-up':>8}")
+    for rows in (1, 2, 4, 8):
+        xs = {k: torch.randn(rows, k, generator=g).bfloat16() for k in {in_features(it) for it in items}}
+
+        def run(f):
+            return lambda: [f(xs[in_features(it)], it) for it in items]
+
+        with torch.inference_mode():
+            a = b = float("inf")
+            for _ in range(2):  # interleaved
+                a = min(a, _best(run(base), repeats))
+                b = min(b, _best(run(kernel), repeats))
+        print(f"{rows:>4}  {a * 1e3:>{wa}.1f}  {b * 1e3:>{wb}.1f}  {mb / 1e3 / b:>11.1f}  {a / b:>7.2f}x")
+
+
 def products(shapes: str, layers: int, repeats: int) -> None:
     g = torch.Generator().manual_seed(0)
     weights = [(torch.randn(n, k, generator=g) * 0.02).bfloat16() for _ in range(layers) for n, k in SHAPES[shapes]]
     mb = sum(w.numel() * 2 for w in weights) / 1e6
     print(f"\nproducts: {shapes} layer shapes x {layers} layers ({mb:.0f} MB of bf16 weights), best of {repeats}")
-    print(f"{'rows':>4}  {'F.linear ms':>11}  {'kernel ms':>9}  {'kernel GB/s':>11}  {'speed-up':>8}")
-    for rows in (1, 2, 4, 8):
-        xs = {k: torch.randn(rows, k, generator=g).bfloat16() for k in {w.shape[1] for w in weights}}
+    _compare(weights, lambda w: w.shape[1], lambda x, w: F.linear(x, w), lambda x, w: cpu_kernel.lowp_linear(x, w),
+             mb, repeats, ("F.linear", "kernel"))
 
-        def run(f):
-            return lambda: [f(xs[w.shape[1]], w) for w in weights]
 
-        with torch.inference_mode():
-            a = b = float("inf")
-            for _ in range(2):  # interleaved
-                a = min(a, _best(run(F.linear), repeats))
-                b = min(b, _best(run(cpu_kernel.lowp_linear), repeats))
-        print(f"{rows:>4}  {a * 1e3:>11.1f}  {b * 1e3:>9.1f}  {mb / 1e3 / b:>11.1f}  {a / b:>7.2f}x")
+def int4_products(shapes: str, layers: int, repeats: int) -> None:
+    """The int4 kernel (torchvlm::int4_linear) against torch._weight_int4pack_mm_for_cpu on the same packed
+    weights (group size 32)."""
+    from torchvlm.nn.quant import Int4Linear
+
+    torch.manual_seed(0)
+    layers_q = [Int4Linear.from_linear(torch.nn.Linear(k, n, bias=False).bfloat16())
+                for _ in range(layers) for n, k in SHAPES[shapes]]
+    if not all(q.avx2_layout for q in layers_q) or not cpu_kernel.int4_kernel_available():
+        print(f"\nint4 products: {shapes}: not PyTorch's AVX2 int4 layout or no kernel build here; skipped")
+        return
+    mb = sum(q.qweight.numel() + q.scale_zeros.numel() * 2 for q in layers_q) / 1e6
+    print(f"\nint4 products: {shapes} layer shapes x {layers} layers ({mb:.0f} MB of codes, scales and zeros), "
+          f"best of {repeats}")
+
+    def torch_op(x, q):
+        return torch._weight_int4pack_mm_for_cpu(x, q.qweight, q.group_size, q.scale_zeros)
+
+    def ours(x, q):
+        return cpu_kernel.int4_linear(x, q.qweight, q.group_size, q.scale_zeros)
+
+    _compare(layers_q, lambda q: q.in_features, torch_op, ours, mb, repeats, ("PyTorch op", "kernel"))
 
 
 def model_decode(model_id: str | None, new_tokens: int, repeats: int) -> None:
@@ -114,6 +149,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-model", action="store_true")
+    p.add_argument("--int4", action="store_true", help="also the int4 kernel against PyTorch's int4 op "
+                   "(products only; torchvlm bench --quantize int4 times whole models)")
     ns = p.parse_args(argv)
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -125,6 +162,8 @@ def main(argv=None) -> int:
     for shapes in ns.shapes.split(","):
         per_layer = sum(n * k * 2 for n, k in SHAPES[shapes])
         products(shapes, ns.layers or max(1, round(200e6 / per_layer)), ns.repeats)
+        if ns.int4:  # as many layers as above: the same decode-step work, in a quarter of the bytes
+            int4_products(shapes, ns.layers or max(1, round(200e6 / per_layer)), ns.repeats)
     if not ns.skip_model:
         model_decode(ns.model, ns.new_tokens, ns.repeats)
     return 0

@@ -120,11 +120,16 @@ def test_int4_kernel_rounds_the_exact_product_once(dtype, rows, n, k, group_size
     assert ((got.double() - torch_op).abs() <= ulp * 1.01 + 2 * sum_error).all()
 
 
-def test_int4_layer_uses_the_kernel_and_falls_back(monkeypatch):
-    """Int4Linear's few-row path runs the op torchvlm::int4_linear (the profiler sees it); without a kernel
-    build the same call is PyTorch's int4 op on the same packed weight, with the same result up to rounding."""
+@pytest.mark.parametrize("rows", [3, 140])
+def test_int4_layer_uses_the_kernel_and_falls_back(monkeypatch, rows):
+    """Int4Linear runs the op torchvlm::int4_linear (the profiler sees it) for few rows and, unlike PyTorch's
+    int4 op, for more than KERNEL_MAX_ROWS too (prefill); without a kernel build the same call is PyTorch's
+    int4 op on the same packed weight (and the dequantising path above KERNEL_MAX_ROWS), with the same result
+    up to rounding."""
+    from torchvlm.nn.quant import KERNEL_MAX_ROWS
+
     q = _int4_layer(64, 128, 32, torch.bfloat16, seed=0)
-    x = torch.randn(3, 128).bfloat16()
+    x = torch.randn(rows, 128).bfloat16()
 
     def ops_of(fn):
         with torch.no_grad(), torch.profiler.profile() as prof:
@@ -133,9 +138,13 @@ def test_int4_layer_uses_the_kernel_and_falls_back(monkeypatch):
 
     ours, ops = ops_of(lambda: q(x))
     assert "torchvlm::int4_linear" in ops and "aten::_weight_int4pack_mm_for_cpu" not in ops
+    exact, sum_error = _int4_exact(q, x)
+    assert ((ours.double() - exact).abs() <= exact.abs().clamp_min(2.0**-6) * 2.0**-8 + sum_error).all()
     monkeypatch.setattr(cpu_kernel, "_int4_op", lambda: False)
+    q.kernel_max_rows = KERNEL_MAX_ROWS["int4"]  # what a layer gets when the kernel does not build
     fallback, ops = ops_of(lambda: q(x))
-    assert "torchvlm::int4_linear" not in ops and "aten::_weight_int4pack_mm_for_cpu" in ops
+    assert "torchvlm::int4_linear" not in ops
+    assert ("aten::_weight_int4pack_mm_for_cpu" in ops) == (rows <= KERNEL_MAX_ROWS["int4"])
     torch.testing.assert_close(ours, fallback, rtol=2e-2, atol=2e-2)
 
 

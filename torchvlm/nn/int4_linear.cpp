@@ -65,10 +65,10 @@ static inline __m256 hi(__m256i b) { return _mm256_cvtepi32_ps(_mm256_srli_epi32
 static constexpr int first(int W, int p, int h) { return W == 32 ? 8 * p + 16 * h : h; }
 static constexpr int step(int W) { return W == 32 ? 1 : 2; }
 
-// Pairs p0 .. p0+P-1 of a block against MR input rows, U steps unrolled (each with its own sums, to hide
-// the FMA latency). qb: the block's codes [K, W / 2]; x: [MR, K] float32; xsum: [MR, K / G] the group sums
-// of x; out: y + n0.
-template <typename T, int W, int P, int MR, int U>
+// Pairs p0 .. p0+P-1 of a block against MR input rows. qb: the block's codes [K, W / 2]; x: [MR, K] float32;
+// xsum: [MR, K / G] the group sums of x; out: y + n0. 2 x 4 or 4 x 2 vectors of sums, enough to hide the
+// FMA latency (a second set for 1 row over unrolled steps measured no faster: the widening is the limit).
+template <typename T, int W, int P, int MR>
 static void panel(const uint8_t* qb, int p0, const float* x, const float* xsum, const T* sz, T* out,
                   int64_t K, int64_t G, int64_t N, int64_t n0) {
     constexpr int B = W / 2;
@@ -76,23 +76,20 @@ static void panel(const uint8_t* qb, int p0, const float* x, const float* xsum, 
     for (int i = 0; i < MR; ++i)
         for (int p = 0; p < P; ++p) acc[i][p][0] = acc[i][p][1] = _mm256_setzero_ps();
     for (int64_t g = 0; g < K / G; ++g) {
-        __m256 ga[U][MR][P][2];
-        for (int u = 0; u < U; ++u)
-            for (int i = 0; i < MR; ++i)
-                for (int p = 0; p < P; ++p) ga[u][i][p][0] = ga[u][i][p][1] = _mm256_setzero_ps();
-        for (int64_t k = g * G; k < (g + 1) * G; k += U) {  // G is a multiple of 32, U of 2
-            for (int u = 0; u < U; ++u) {
-                __m256 w[P][2];
-                for (int p = 0; p < P; ++p) {
-                    const __m256i b = bytes8(qb + (k + u) * B + 8 * (p0 + p));
-                    w[p][0] = lo(b);
-                    w[p][1] = hi(b);
-                }
-                for (int i = 0; i < MR; ++i) {
-                    const __m256 xb = _mm256_broadcast_ss(x + i * K + k + u);
-                    for (int p = 0; p < P; ++p)
-                        for (int h = 0; h < 2; ++h) ga[u][i][p][h] = _mm256_fmadd_ps(w[p][h], xb, ga[u][i][p][h]);
-                }
+        __m256 ga[MR][P][2];  // this group's sums of x * code
+        for (int i = 0; i < MR; ++i)
+            for (int p = 0; p < P; ++p) ga[i][p][0] = ga[i][p][1] = _mm256_setzero_ps();
+        for (int64_t k = g * G; k < (g + 1) * G; ++k) {
+            __m256 w[P][2];
+            for (int p = 0; p < P; ++p) {
+                const __m256i b = bytes8(qb + k * B + 8 * (p0 + p));
+                w[p][0] = lo(b);
+                w[p][1] = hi(b);
+            }
+            for (int i = 0; i < MR; ++i) {
+                const __m256 xb = _mm256_broadcast_ss(x + i * K + k);
+                for (int p = 0; p < P; ++p)
+                    for (int h = 0; h < 2; ++h) ga[i][p][h] = _mm256_fmadd_ps(w[p][h], xb, ga[i][p][h]);
             }
         }
         for (int p = 0; p < P; ++p)
@@ -100,9 +97,7 @@ static void panel(const uint8_t* qb, int p0, const float* x, const float* xsum, 
                 __m256 s, off;
                 scales(sz + (g * N + n0 + first(W, p0 + p, h)) * 2, step(W), s, off);
                 for (int i = 0; i < MR; ++i) {
-                    __m256 t = ga[0][i][p][h];
-                    for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, ga[u][i][p][h]);
-                    acc[i][p][h] = _mm256_fmadd_ps(t, s, acc[i][p][h]);
+                    acc[i][p][h] = _mm256_fmadd_ps(ga[i][p][h], s, acc[i][p][h]);
                     acc[i][p][h] = _mm256_fmadd_ps(_mm256_set1_ps(xsum[i * (K / G) + g]), off, acc[i][p][h]);
                 }
             }
@@ -116,8 +111,8 @@ static void panel(const uint8_t* qb, int p0, const float* x, const float* xsum, 
             }
 }
 
-// One block against all M rows: 4 rows at a time one pair of vectors at a time, then 2 rows or 1 against
-// the whole block
+// One block against all M rows: 4 rows at a time against one pair of vectors at a time, then 2 rows or 1
+// against the whole block
 template <typename T, int W>
 static void block(const uint8_t* qb, const float* x, const float* xsum, const T* sz, T* out, int64_t M,
                   int64_t K, int64_t G, int64_t N, int64_t n0) {
@@ -125,12 +120,12 @@ static void block(const uint8_t* qb, const float* x, const float* xsum, const T*
     const int64_t ng = K / G;
     int64_t m = 0;
     for (; m + 4 <= M; m += 4)
-        for (int p0 = 0; p0 < P; ++p0) panel<T, W, 1, 4, 1>(qb, p0, x + m * K, xsum + m * ng, sz, out + m * N, K, G, N, n0);
+        for (int p0 = 0; p0 < P; ++p0) panel<T, W, 1, 4>(qb, p0, x + m * K, xsum + m * ng, sz, out + m * N, K, G, N, n0);
     if (m + 2 <= M) {
-        panel<T, W, P, 2, 1>(qb, 0, x + m * K, xsum + m * ng, sz, out + m * N, K, G, N, n0);
+        panel<T, W, P, 2>(qb, 0, x + m * K, xsum + m * ng, sz, out + m * N, K, G, N, n0);
         m += 2;
     }
-    if (m < M) panel<T, W, P, 1, 1>(qb, 0, x + m * K, xsum + m * ng, sz, out + m * N, K, G, N, n0);
+    if (m < M) panel<T, W, P, 1>(qb, 0, x + m * K, xsum + m * ng, sz, out + m * N, K, G, N, n0);
 }
 
 template <typename T>

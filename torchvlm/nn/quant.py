@@ -10,9 +10,12 @@ Matmuls run on PyTorch's own packed CPU kernels (ATen ops, no extra dependency) 
 for few rows (decode steps, small batches): ``torch._weight_int8pack_mm`` and
 ``torch._weight_int4pack_mm_for_cpu``. With many rows (prefill) those kernels are compute-bound and slower
 than the float GEMM, so there the weight is dequantised, a few MiB at a time, to the activation dtype and
-multiplied by ``torch.mm`` (see :data:`KERNEL_MAX_ROWS`). Layers whose shape the kernels do not accept, and
-every layer off the CPU, always take that dequantising path: it saves memory but is not faster than the
-float model. docs/quantization.md has the measurements.
+multiplied by ``torch.mm`` (see :data:`KERNEL_MAX_ROWS`). On AVX2 CPUs int4 layers run torchvlm's own C++
+kernel instead (:func:`torchvlm.nn.cpu_kernel.int4_linear`, on PyTorch's AVX2 layout), for any number of
+rows: there it beats PyTorch's int4 op 1.5-2x and the dequantising path (bf16 GEMMs are slow there) at every
+size measured. Layers whose shape the kernels do not accept, and every layer off the CPU, always take the
+dequantising path: it saves memory but is not faster than the float model. docs/quantization.md has the
+measurements.
 
 Scales (and int4 zeros) are rounded to the model dtype *before* the integer codes are chosen, so the codes
 are the best ones for the scales actually stored.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -38,7 +42,8 @@ SUPPORTED_MODES = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 #: Up to this many rows (batch x tokens) per call the packed CPU kernel is used; above it the weight is
 #: dequantised and multiplied by the float GEMM. Measured crossovers, AVX-512 with 2 threads (with 1 thread
-#: they are about half): docs/quantization.md.
+#: they are about half): docs/quantization.md. Int4 layers in PyTorch's AVX2 layout (torchvlm's kernel) have
+#: no limit.
 KERNEL_MAX_ROWS = {"int8": 32, "int4": 128}
 #: Activation dtypes the packed CPU kernels take.
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -82,6 +87,7 @@ class QuantizedLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.use_kernel = False
+        self.kernel_max_rows = KERNEL_MAX_ROWS[self.mode] if self.mode else 0  # see KERNEL_MAX_ROWS
 
     # ---- what a subclass implements
     def _chunks(self, dtype: torch.dtype, cols: int) -> Iterator[Chunk]:
@@ -138,7 +144,7 @@ class QuantizedLinear(nn.Module):
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         if (
             self.use_kernel
-            and x2.shape[0] <= KERNEL_MAX_ROWS[self.mode]
+            and x2.shape[0] <= self.kernel_max_rows
             and x2.is_cpu
             and x2.dtype in _KERNEL_DTYPES
         ):
@@ -267,8 +273,8 @@ class Int4Linear(QuantizedLinear):
                 out.qweight, out.runs, out.storage_rows = packed
                 out.use_kernel = True
                 out.avx2_layout = _is_avx2_layout(n, out.runs, out.storage_rows)
-                if out.avx2_layout:
-                    cpu_kernel.int4_kernel_available()  # build (or find) the kernel now, not in the first step
+                if out.avx2_layout and cpu_kernel.int4_kernel_available():  # builds it now, not in a first step
+                    out.kernel_max_rows = sys.maxsize
             else:
                 pairs = codes.T.reshape(kp // 2, 2, n)
                 out.qweight.copy_(pairs[:, 0] | (pairs[:, 1] << 4))
