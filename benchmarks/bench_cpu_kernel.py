@@ -1,9 +1,9 @@
 """The C++ bf16 decode kernel (torchvlm.nn.cpu_kernel) against PyTorch's bf16 F.linear, side by side; with
---int4 also the int4 kernel against PyTorch's int4 op.
+--quantized also the int8 and int4 kernels against PyTorch's int8 / int4 ops.
 
     python benchmarks/bench_cpu_kernel.py                 # products, then SmolLM2-135M decode (GGUF wheel)
     python benchmarks/bench_cpu_kernel.py --skip-model    # products only
-    python benchmarks/bench_cpu_kernel.py --skip-model --int4
+    python benchmarks/bench_cpu_kernel.py --skip-model --quantized
 
 On CPUs without oneDNN bf16 GEMMs (AVX2) the inference layout's UpcastLinear runs decode-sized products in
 the kernel. This measures, in one process and interleaved (best of --repeats each, so that a noisy machine
@@ -72,28 +72,33 @@ def products(shapes: str, layers: int, repeats: int) -> None:
              mb, repeats, ("F.linear", "kernel"))
 
 
-def int4_products(shapes: str, layers: int, repeats: int) -> None:
-    """The int4 kernel (torchvlm::int4_linear) against torch._weight_int4pack_mm_for_cpu on the same packed
-    weights (group size 32)."""
-    from torchvlm.nn.quant import Int4Linear
+def quantized_products(shapes: str, layers: int, repeats: int) -> None:
+    """torchvlm's int8 and int4 kernels (torchvlm::int8_linear, torchvlm::int4_linear) against PyTorch's
+    _weight_int8pack_mm and _weight_int4pack_mm_for_cpu on the same quantized weights (int4: group 32)."""
+    from torchvlm.nn.quant import Int4Linear, Int8Linear
 
     torch.manual_seed(0)
-    layers_q = [Int4Linear.from_linear(torch.nn.Linear(k, n, bias=False).bfloat16())
-                for _ in range(layers) for n, k in SHAPES[shapes]]
-    if not all(q.avx2_layout for q in layers_q) or not cpu_kernel.int4_kernel_available():
-        print(f"\nint4 products: {shapes}: not PyTorch's AVX2 int4 layout or no kernel build here; skipped")
-        return
-    mb = sum(q.qweight.numel() + q.scale_zeros.numel() * 2 for q in layers_q) / 1e6
-    print(f"\nint4 products: {shapes} layer shapes x {layers} layers ({mb:.0f} MB of codes, scales and zeros), "
-          f"best of {repeats}")
-
-    def torch_op(x, q):
-        return torch._weight_int4pack_mm_for_cpu(x, q.qweight, q.group_size, q.scale_zeros)
-
-    def ours(x, q):
-        return cpu_kernel.int4_linear(x, q.qweight, q.group_size, q.scale_zeros)
-
-    _compare(layers_q, lambda q: q.in_features, torch_op, ours, mb, repeats, ("PyTorch op", "kernel"))
+    floats = [torch.nn.Linear(k, n, bias=False).bfloat16() for _ in range(layers) for n, k in SHAPES[shapes]]
+    int8 = [Int8Linear.from_linear(lin) for lin in floats]
+    int4 = [Int4Linear.from_linear(lin) for lin in floats]
+    del floats
+    cases = [
+        ("int8", all(q.own_kernel for q in int8), int8, lambda q: q.qweight.numel() + q.scale.numel() * 2,
+         lambda x, q: torch._weight_int8pack_mm(x, q.qweight, q.scale),
+         lambda x, q: cpu_kernel.int8_linear(x, q.qweight, q.scale)),
+        ("int4", all(q.avx2_layout for q in int4) and cpu_kernel.int4_kernel_available(), int4,
+         lambda q: q.qweight.numel() + q.scale_zeros.numel() * 2,
+         lambda x, q: torch._weight_int4pack_mm_for_cpu(x, q.qweight, q.group_size, q.scale_zeros),
+         lambda x, q: cpu_kernel.int4_linear(x, q.qweight, q.group_size, q.scale_zeros)),
+    ]
+    for mode, ours, qs, nbytes, torch_op, kernel in cases:
+        if not ours:
+            print(f"\n{mode} products: {shapes}: torchvlm's kernel is not used on this CPU; skipped")
+            continue
+        mb = sum(nbytes(q) for q in qs) / 1e6
+        print(f"\n{mode} products: {shapes} layer shapes x {layers} layers ({mb:.0f} MB of codes and scales), "
+              f"best of {repeats}")
+        _compare(qs, lambda q: q.in_features, torch_op, kernel, mb, repeats, ("PyTorch op", "kernel"))
 
 
 def model_decode(model_id: str | None, new_tokens: int, repeats: int) -> None:
@@ -149,8 +154,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-model", action="store_true")
-    p.add_argument("--int4", action="store_true", help="also the int4 kernel against PyTorch's int4 op "
-                   "(products only; torchvlm bench --quantize int4 times whole models)")
+    p.add_argument("--quantized", action="store_true", help="also the int8 and int4 kernels against PyTorch's "
+                   "int8 / int4 ops (products only; torchvlm bench --quantize int8,int4 times whole models)")
     ns = p.parse_args(argv)
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -162,8 +167,8 @@ def main(argv=None) -> int:
     for shapes in ns.shapes.split(","):
         per_layer = sum(n * k * 2 for n, k in SHAPES[shapes])
         products(shapes, ns.layers or max(1, round(200e6 / per_layer)), ns.repeats)
-        if ns.int4:  # as many layers as above: the same decode-step work, in a quarter of the bytes
-            int4_products(shapes, ns.layers or max(1, round(200e6 / per_layer)), ns.repeats)
+        if ns.quantized:  # as many layers as above: the same decode-step work, in fewer bytes
+            quantized_products(shapes, ns.layers or max(1, round(200e6 / per_layer)), ns.repeats)
     if not ns.skip_model:
         model_decode(ns.model, ns.new_tokens, ns.repeats)
     return 0

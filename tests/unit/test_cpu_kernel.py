@@ -159,3 +159,69 @@ def test_int4_kernel_under_torch_compile():
     with torch.no_grad():
         compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
         assert torch.equal(compiled, f(x))
+
+
+# ------------------------------------------------------------------------------------------- int8 kernel
+def _int8_operands(n: int, k: int, rows: int, dtype: torch.dtype, seed: int):
+    if not cpu_kernel.int8_kernel_available(dtype):
+        pytest.skip("no C++ toolchain for Inductor on this machine")
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = (torch.rand(n, generator=g) * 0.01 + 1e-3).to(dtype)
+    return q, scale, torch.randn(rows, k, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 9])
+@pytest.mark.parametrize("n,k", [(13, 40), (96, 64), (257, 33), (40, 117), (48, 576)])
+def test_int8_kernel_rounds_the_exact_product_once(dtype, rows, n, k):
+    """scale[n] * sum_k x q for every row-blocking path and K (unrolled loop, leftover steps, K tail):
+    within one rounding of the exact product plus a float32-summing bound, and within the rounding of
+    PyTorch's int8 op where that op takes the shape (K % 16 == 0)."""
+    q, scale, x = _int8_operands(n, k, rows, dtype, seed=rows * 1000 + n + k)
+    got = cpu_kernel.int8_linear(x, q, scale)
+    assert got.dtype == dtype and got.shape == (rows, n)
+    exact = x.double() @ q.double().T * scale.double()
+    sum_error = x.double().abs() @ q.double().abs().T * scale.double() * 2.0**-20
+    ulp = exact.abs().clamp_min(2.0**-6) * SPACING.get(dtype, 2.0**-23)
+    assert ((got.double() - exact).abs() <= ulp * 0.5 + sum_error).all()
+    if k % 16 == 0:
+        torch_op = torch._weight_int8pack_mm(x, q, scale).double()
+        assert ((got.double() - torch_op).abs() <= ulp * 1.01 + 2 * sum_error).all()
+
+
+@pytest.mark.parametrize("rows", [3, 40])
+def test_int8_layer_uses_the_kernel_and_falls_back(monkeypatch, rows):
+    """On AVX2 an Int8Linear runs the kernel (a spy sees it) for few rows and beyond KERNEL_MAX_ROWS too;
+    without a kernel build the call is PyTorch's int8 op, with the same result up to rounding."""
+    from torchvlm.nn.quant import Int8Linear
+
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(64, 48).bfloat16())
+    if not layer.own_kernel:
+        pytest.skip("torchvlm's int8 kernel is used on AVX2 CPUs only")
+    x = torch.randn(rows, 64).bfloat16()
+    calls = []
+    real = cpu_kernel._int8_kernel(torch.bfloat16)
+    monkeypatch.setattr(cpu_kernel, "_int8_kernel", lambda dtype: lambda *a: (calls.append(a[4:7]), real(*a)))
+    with torch.no_grad():
+        ours = layer(x)
+    assert calls == [(rows, 48, 64)]
+    exact = F.linear(x.double(), layer.dequantize(torch.float64), layer.bias.double())
+    torch.testing.assert_close(ours.double(), exact, rtol=2e-2, atol=2e-2)
+    monkeypatch.setattr(cpu_kernel, "_int8_kernel", lambda dtype: None)
+    with torch.no_grad():
+        torch.testing.assert_close(layer._kernel(x), ours - layer.bias, rtol=2e-2, atol=2e-2)
+    assert len(calls) == 1
+
+
+def test_int8_kernel_under_torch_compile():
+    """In a compiled graph the int8 kernel is the op torchvlm::int8_linear: same result as eager."""
+    q, scale, x = _int8_operands(24, 48, 2, torch.bfloat16, seed=3)
+
+    def f(x):
+        return torch.relu(cpu_kernel.int8_linear(x, q, scale)) * 2
+
+    with torch.no_grad():
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+        assert torch.equal(compiled, f(x))

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["lowp_linear", "int4_linear", "kernel_available", "int4_kernel_available", "records_grad"]
+__all__ = ["lowp_linear", "int8_linear", "int4_linear", "kernel_available", "int8_kernel_available",
+           "int4_kernel_available", "records_grad"]
 
 _ARGTYPES = ["const {w}*", "const {w}*", "const {w}*", "{w}*", "int64_t", "int64_t", "int64_t", "int64_t"]
 
@@ -47,10 +48,12 @@ def _build_failed(source: str, e: Exception, what: str) -> None:
 
 
 @functools.cache
-def _kernel(dtype: torch.dtype) -> Optional[Callable]:
-    """The bf16/fp16 linear kernel (``lowp_linear.cpp``) for ``dtype`` weights and rows, or None (with one
-    warning) where it cannot be built."""
-    if dtype not in (torch.bfloat16, torch.float16) or not _enabled():
+def _build_lowp(dtype: torch.dtype, int8: bool) -> Optional[Callable]:
+    """``lowp_linear.cpp`` compiled for ``dtype`` rows (and weights, unless ``int8``: int8 weights), or None
+    (with one warning) where it cannot be built."""
+    if dtype not in ((torch.bfloat16, torch.float16, torch.float32) if int8 else (torch.bfloat16, torch.float16)):
+        return None
+    if not _enabled():
         return None
     try:
         from torch._inductor import cpu_vec_isa
@@ -58,12 +61,26 @@ def _kernel(dtype: torch.dtype) -> Optional[Callable]:
 
         if not cpu_vec_isa.pick_vec_isa():
             raise RuntimeError("Inductor found no vector instruction set on this CPU")
-        c_type = {torch.bfloat16: "at::BFloat16", torch.float16: "at::Half"}[dtype]
-        code = f"#define TORCHVLM_WEIGHT {c_type}\n" + Path(__file__).with_name("lowp_linear.cpp").read_text()
-        return CppPythonBindingsCodeCache.load_pybinding([a.format(w=c_type) for a in _ARGTYPES], code)
-    except Exception as e:  # noqa: BLE001 - any toolchain failure means: use F.linear
-        _build_failed("lowp_linear.cpp", e, f"decode-sized {dtype} products")
+        c_type = {torch.bfloat16: "at::BFloat16", torch.float16: "at::Half", torch.float32: "float"}[dtype]
+        code = (f"#define TORCHVLM_WEIGHT {c_type}\n" + ("#define TORCHVLM_INT8\n" if int8 else "")
+                + Path(__file__).with_name("lowp_linear.cpp").read_text())
+        argtypes = [a.format(w=c_type) for a in _ARGTYPES]
+        if int8:
+            argtypes[0] = "const int8_t*"
+        return CppPythonBindingsCodeCache.load_pybinding(argtypes, code)
+    except Exception as e:  # noqa: BLE001 - any toolchain failure means: use the PyTorch op
+        _build_failed("lowp_linear.cpp", e, f"decode-sized {'int8' if int8 else dtype} products")
         return None
+
+
+def _kernel(dtype: torch.dtype) -> Optional[Callable]:
+    """The bf16/fp16 linear kernel for ``dtype`` weights and rows, or None."""
+    return _build_lowp(dtype, False)
+
+
+def _int8_kernel(dtype: torch.dtype) -> Optional[Callable]:
+    """The int8-weight kernel for ``dtype`` rows, scales and output, or None."""
+    return _build_lowp(dtype, True)
 
 
 @functools.cache
@@ -89,6 +106,11 @@ def _int4_op() -> bool:
 def kernel_available(dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether the kernel for ``dtype`` weights builds on this machine (builds it on the first call)."""
     return _kernel(dtype) is not None
+
+
+def int8_kernel_available(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether the int8 kernel for ``dtype`` rows builds on this machine (builds it on the first call)."""
+    return _int8_kernel(dtype) is not None
 
 
 def int4_kernel_available() -> bool:
@@ -137,6 +159,36 @@ def lowp_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Ten
     if torch.compiler.is_compiling():
         return torch.ops.torchvlm.lowp_linear(x, weight, bias)
     return _run(x, weight, bias)  # eager: skip the op dispatch (~15 us a call)
+
+
+def _run_int8(x: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
+    kernel = _int8_kernel(x.dtype)
+    if kernel is None or scale.dtype != x.dtype or not x.is_contiguous() or not qweight.is_contiguous():
+        return torch._weight_int8pack_mm(x, qweight, scale)
+    m, k = x.shape
+    n = qweight.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype)
+    kernel(qweight, x, scale, out, m, n, k, 1)
+    return out
+
+
+_LIB.define("int8_linear(Tensor x, Tensor qweight, Tensor scale) -> Tensor")
+_LIB.impl("int8_linear", _run_int8, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("torchvlm::int8_linear")
+def _(x: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+def int8_linear(x: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
+    """``torch._weight_int8pack_mm(x, qweight, scale)`` (int8 ``qweight [N, K]``, per-row ``scale [N]`` in
+    ``x.dtype``, ``x [M, K]`` contiguous on the CPU) through the C++ kernel (``lowp_linear.cpp`` with int8
+    weights) where it builds, else that op. No autograd. Under ``torch.compile`` it is the opaque op
+    ``torchvlm::int8_linear``."""
+    if torch.compiler.is_compiling():
+        return torch.ops.torchvlm.int8_linear(x, qweight, scale)
+    return _run_int8(x, qweight, scale)  # eager: skip the op dispatch
 
 
 # The op's kernel in C++ is int4_linear.cpp, registered for the CPU when it is loaded (_int4_op). This

@@ -10,10 +10,10 @@ Matmuls run on PyTorch's own packed CPU kernels (ATen ops, no extra dependency) 
 for few rows (decode steps, small batches): ``torch._weight_int8pack_mm`` and
 ``torch._weight_int4pack_mm_for_cpu``. With many rows (prefill) those kernels are compute-bound and slower
 than the float GEMM, so there the weight is dequantised, a few MiB at a time, to the activation dtype and
-multiplied by ``torch.mm`` (see :data:`KERNEL_MAX_ROWS`). On AVX2 CPUs int4 layers run torchvlm's own C++
-kernel instead (:func:`torchvlm.nn.cpu_kernel.int4_linear`, on PyTorch's AVX2 layout), for any number of
-rows: there it beats PyTorch's int4 op 1.5-2x and the dequantising path (bf16 GEMMs are slow there) at every
-size measured. Layers whose shape the kernels do not accept, and every layer off the CPU, always take the
+multiplied by ``torch.mm`` (see :data:`KERNEL_MAX_ROWS`). On AVX2 CPUs torchvlm's own C++ kernels replace
+them (:func:`torchvlm.nn.cpu_kernel.int8_linear`, and :func:`~torchvlm.nn.cpu_kernel.int4_linear` on
+PyTorch's AVX2 int4 layout), for any number of rows: there they beat PyTorch's ops 1.5-2x and the
+dequantising path (bf16 GEMMs are slow there) at every size measured. Layers whose shape the kernels do not accept, and every layer off the CPU, always take the
 dequantising path: it saves memory but is not faster than the float model. docs/quantization.md has the
 measurements.
 
@@ -42,8 +42,7 @@ SUPPORTED_MODES = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 #: Up to this many rows (batch x tokens) per call the packed CPU kernel is used; above it the weight is
 #: dequantised and multiplied by the float GEMM. Measured crossovers, AVX-512 with 2 threads (with 1 thread
-#: they are about half): docs/quantization.md. Int4 layers in PyTorch's AVX2 layout (torchvlm's kernel) have
-#: no limit.
+#: they are about half): docs/quantization.md. Layers on torchvlm's AVX2 kernels have no limit.
 KERNEL_MAX_ROWS = {"int8": 32, "int4": 128}
 #: Activation dtypes the packed CPU kernels take.
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -178,6 +177,8 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         # _weight_int8pack_mm reads K in steps of 16 (other K give wrong results or crash); any N works
         self.use_kernel = in_features % 16 == 0
+        # on AVX2 CPUs torchvlm's C++ kernel replaces it, for any number of rows (set by from_linear)
+        self.own_kernel = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, name: str = "linear") -> Int8Linear:
@@ -193,6 +194,10 @@ class Int8Linear(QuantizedLinear):
                 out.scale[lo:lo + _CHUNK_ROWS] = s
             if linear.bias is not None:
                 out.bias.copy_(linear.bias.detach())
+        if (out.use_kernel and w.device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX2"
+                and cpu_kernel.int8_kernel_available(w.dtype)):  # builds it now, not in a first step
+            out.own_kernel = True
+            out.kernel_max_rows = sys.maxsize
         return out
 
     @property
@@ -209,7 +214,10 @@ class Int8Linear(QuantizedLinear):
     def _kernel(self, x: Tensor) -> Tensor:
         buffers = self._buffers
         scale = buffers["scale"]
-        return torch._weight_int8pack_mm(x, buffers["qweight"], scale if scale.dtype == x.dtype else scale.to(x.dtype))
+        scale = scale if scale.dtype == x.dtype else scale.to(x.dtype)
+        if self.own_kernel:
+            return cpu_kernel.int8_linear(x, buffers["qweight"], scale)
+        return torch._weight_int8pack_mm(x, buffers["qweight"], scale)
 
 
 class Int4Linear(QuantizedLinear):
