@@ -5,19 +5,22 @@ at about 16-20 GFLOP/s on 2 cores whatever the number of rows, so a batch of 8 r
 The kernel reads each weight row once, widens it to float32 in registers and accumulates with fused
 multiply-adds, several input rows per loaded weight vector (docs/performance.md has the figures). Each
 output is one float32 sum rounded once to the layer's dtype, as the bf16 ``F.linear`` rounds, only summed
-in another order: equal within bf16 rounding, not bit-identical (tests/unit/test_cpu_kernel.py).
+in another order: equal within bf16 rounding, not bit-identical (tests/unit/test_cpu_kernel.py). Built
+with int8 weights it is :func:`int8_linear`, the product of ``torch._weight_int8pack_mm``.
 
 ``int4_linear.cpp``: int4 weights in the layout ``torch._convert_weight_to_int4pack_for_cpu`` makes on an
-AVX2 CPU, the same product as ``torch._weight_int4pack_mm_for_cpu`` (which is slow there: ~1.7x at one
-row, docs/quantization.md). :mod:`torchvlm.nn.quant` calls it for int4 layers in that layout.
+AVX2 CPU, the product of ``torch._weight_int4pack_mm_for_cpu``. It is linked against libtorch and registers
+itself as the CPU kernel of the op ``torchvlm::int4_linear``, so compiled graphs call it without Python.
 
-Both are built with PyTorch Inductor's C++ toolchain (the compiler, flags, vector ISA and OpenMP that
-``torch.compile`` uses on the CPU) on first use, which :func:`torchvlm.nn.fast.pack_linears` and int4
-quantization make happen at load time: about a second each, then cached on disk by Inductor. That
-toolchain is a private PyTorch API: if a build fails (no C++ compiler, another PyTorch version, no AVX2 for
-the int4 kernel), a warning says why and the PyTorch op is used (``F.linear``,
-``_weight_int4pack_mm_for_cpu``); ``TORCHVLM_CPU_KERNEL=0`` in the environment turns both kernels off the
-same way (for A/B timing). Inference only: with autograd recording, :func:`lowp_linear` is ``F.linear``.
+PyTorch's int8/int4 ops are slow on AVX2 (the kernels: ~1.5-1.8x at one row, docs/quantization.md);
+:mod:`torchvlm.nn.quant` calls these kernels there. They are built with PyTorch Inductor's C++ toolchain
+(the compiler, flags, vector ISA and OpenMP that ``torch.compile`` uses on the CPU) on first use, which
+:func:`torchvlm.nn.fast.pack_linears` and quantization make happen at load time: about a second each (the
+libtorch-linked int4 library ~15 s), then cached on disk by Inductor. That toolchain is a private PyTorch
+API: if a build fails (no C++ compiler, another PyTorch version, no AVX2 for the int4 kernel), a warning
+says why and the PyTorch op is used (``F.linear``, ``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``);
+``TORCHVLM_CPU_KERNEL=0`` in the environment turns all three kernels off the same way (for A/B timing).
+Inference only: with autograd recording, :func:`lowp_linear` is ``F.linear``.
 """
 
 from __future__ import annotations

@@ -120,7 +120,8 @@ static void block(const uint8_t* qb, const float* x, const float* xsum, const T*
     const int64_t ng = K / G;
     int64_t m = 0;
     for (; m + 4 <= M; m += 4)
-        for (int p0 = 0; p0 < P; ++p0) panel<T, W, 1, 4>(qb, p0, x + m * K, xsum + m * ng, sz, out + m * N, K, G, N, n0);
+        for (int p0 = 0; p0 < P; ++p0)
+            panel<T, W, 1, 4>(qb, p0, x + m * K, xsum + m * ng, sz, out + m * N, K, G, N, n0);
     if (m + 2 <= M) {
         panel<T, W, P, 2>(qb, 0, x + m * K, xsum + m * ng, sz, out + m * N, K, G, N, n0);
         m += 2;

@@ -13,9 +13,9 @@ than the float GEMM, so there the weight is dequantised, a few MiB at a time, to
 multiplied by ``torch.mm`` (see :data:`KERNEL_MAX_ROWS`). On AVX2 CPUs torchvlm's own C++ kernels replace
 them (:func:`torchvlm.nn.cpu_kernel.int8_linear`, and :func:`~torchvlm.nn.cpu_kernel.int4_linear` on
 PyTorch's AVX2 int4 layout), for any number of rows: there they beat PyTorch's ops 1.5-2x and the
-dequantising path (bf16 GEMMs are slow there) at every size measured. Layers whose shape the kernels do not accept, and every layer off the CPU, always take the
-dequantising path: it saves memory but is not faster than the float model. docs/quantization.md has the
-measurements.
+dequantising path (bf16 GEMMs are slow there) at every size measured. Layers whose shape the kernels do
+not accept, and every layer off the CPU, always take the dequantising path: it saves memory but is not
+faster than the float model. docs/quantization.md has the measurements.
 
 Scales (and int4 zeros) are rounded to the model dtype *before* the integer codes are chosen, so the codes
 are the best ones for the scales actually stored.
