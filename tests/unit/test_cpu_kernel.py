@@ -89,15 +89,24 @@ def _int4_layer(n: int, k: int, group_size: int, dtype: torch.dtype, seed: int):
 
 
 def _int4_exact(q, x: Tensor) -> tuple[Tensor, Tensor]:
-    """x @ W^T in float64 from the codes, scales and zeros; and a bound on a float32 sum's error: the
-    kernel sums s * sum(x q) and (z - 8 s) * sum(x) per group, terms up to (15 |s| + |z - 8 s|) |x|."""
+    """x @ W^T in float64 from the codes, scales and zeros; and a bound on the kernel's error besides the
+    final rounding. It sums s * sum(x q) and (z - 8 s) * sum(x) per group in float32, terms up to
+    (15 |s| + |z - 8 s|) |x|. For bf16 rows it multiplies the codes with x rounded to int16 per group
+    (scale max |x| / 32767, each x within half a step, plus float32 slack): at most
+    |s| * 0.51 * max |x| / 32767 * sum(q) per group."""
     sz = q.scale_zeros.double()
     s, off = sz[..., 0].T, (sz[..., 1] - 8 * sz[..., 0]).T  # [N, K / G]
     g = q.group_size
-    w = q.codes().double() * s.repeat_interleave(g, 1) + off.repeat_interleave(g, 1)
+    codes = q.codes().double()
+    w = codes * s.repeat_interleave(g, 1) + off.repeat_interleave(g, 1)
     size = (15 * s.abs() + off.abs()).repeat_interleave(g, 1)
     xd = x.double()
-    return xd @ w.T, xd.abs() @ size.T * 2.0**-20
+    error = xd.abs() @ size.T * 2.0**-20
+    if x.dtype == torch.bfloat16:
+        step = xd.abs().unflatten(1, (-1, g)).amax(-1) / 32767  # [M, K / G]
+        code_sums = codes.unflatten(1, (-1, g)).sum(-1)  # [N, K / G]
+        error = error + (0.51 * step) @ (s.abs() * code_sums).T
+    return xd @ w.T, error
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -106,8 +115,8 @@ def _int4_exact(q, x: Tensor) -> tuple[Tensor, Tensor]:
                                             (32, 96, 32)])
 def test_int4_kernel_rounds_the_exact_product_once(dtype, rows, n, k, group_size):
     """Every row-blocking path (4 rows a pair of vectors at a time, 2, 1), full 32-row blocks and a 16-row
-    last block, each group size and dtype: within one rounding of the exact product (plus float32 summing)
-    and within the rounding of PyTorch's own int4 op."""
+    last block, each group size and dtype: within one rounding of the exact product (plus float32 summing,
+    and for bf16 the int16 rounding of the inputs) and within the rounding of PyTorch's own int4 op."""
     q = _int4_layer(n, k, group_size, dtype, seed=rows * 1000 + n + k)
     x = torch.randn(rows, k, dtype=dtype)
     sz = q.scale_zeros

@@ -9,8 +9,10 @@ in another order: equal within bf16 rounding, not bit-identical (tests/unit/test
 with int8 weights it is :func:`int8_linear`, the product of ``torch._weight_int8pack_mm``.
 
 ``int4_linear.cpp``: int4 weights in the layout ``torch._convert_weight_to_int4pack_for_cpu`` makes on an
-AVX2 CPU, the product of ``torch._weight_int4pack_mm_for_cpu``. It is linked against libtorch and registers
-itself as the CPU kernel of the op ``torchvlm::int4_linear``, so compiled graphs call it without Python.
+AVX2 CPU, the product of ``torch._weight_int4pack_mm_for_cpu`` (for bf16 rows from inputs rounded to int16
+per group, each within 1/65534 of its group's largest, which lets ``vpmaddwd`` multiply two steps at once).
+It is linked against libtorch and registers itself as the CPU kernel of the op ``torchvlm::int4_linear``, so
+compiled graphs call it without Python.
 
 PyTorch's int8/int4 ops are slow on AVX2 (the kernels: ~1.5-1.8x at one row, docs/quantization.md);
 :mod:`torchvlm.nn.quant` calls these kernels there. They are built with PyTorch Inductor's C++ toolchain
@@ -210,7 +212,8 @@ def int4_linear(x: Tensor, qweight: Tensor, group_size: int, scale_zeros: Tensor
     PyTorch's AVX2 int4 layout (32-row blocks, a 16-row last block; the caller checks the layout), through
     the C++ kernel where it builds, else that op. ``x [M, K]`` contiguous on the CPU, ``scale_zeros``
     ``[K / group_size, N, 2]`` in ``x.dtype``; returns ``[M, N]`` in ``x.dtype``. No autograd. It is the
-    op ``torchvlm::int4_linear``, opaque under ``torch.compile``."""
+    op ``torchvlm::int4_linear``, opaque under ``torch.compile``. For bf16 ``x`` the kernel rounds each group
+    of inputs to int16 first (docs/quantization.md gives the bound), fp16/fp32 ``x`` are multiplied exactly."""
     if torch.compiler.is_compiling() or _int4_op():
         return torch.ops.torchvlm.int4_linear.default(x, qweight, group_size, scale_zeros)
     return torch._weight_int4pack_mm_for_cpu(x, qweight, group_size, scale_zeros)
