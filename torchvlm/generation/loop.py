@@ -314,14 +314,16 @@ def stream_generate(
                     if tokenizer is not None:
                         safe, _ = stops[i].feed(decoders[i].flush())
                         deltas[i] += safe + stops[i].flush()
-        nxt = torch.where(torch.tensor(active, device=device), nxt, torch.full_like(nxt, pad_id))
+        everyone = all(active)  # the common case needs no per-row tensors
+        if not everyone:
+            nxt = torch.where(torch.tensor(active, device=device), nxt, torch.full_like(nxt, pad_id))
         yield StepOutput(
             token_ids=nxt, active=active, text_deltas=deltas, finished=list(finished), finish_reasons=list(reasons)
         )
         if all(finished):
             return
         seen[:, end] = nxt
-        seen_mask[:, end] = torch.tensor(active, dtype=torch.long, device=device)
+        seen_mask[:, end] = 1 if everyone else torch.tensor(active, dtype=torch.long, device=device)
         logits = session.step(nxt, end)
 
 
