@@ -129,6 +129,17 @@ def test_int4_kernel_rounds_the_exact_product_once(dtype, rows, n, k, group_size
     assert ((got.double() - torch_op).abs() <= ulp * 1.01 + 2 * sum_error).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_kernel_keeps_nan_and_inf(dtype):
+    """A NaN or an infinite input makes its row's outputs NaN / non-finite, as PyTorch's op does (the int16
+    form rounds them away, the group's input sum keeps them)."""
+    q = _int4_layer(64, 128, 32, dtype, seed=1)
+    x = torch.randn(3, 128, dtype=dtype)
+    x[0, 5], x[2, 70] = float("nan"), float("inf")
+    got = cpu_kernel.int4_linear(x, q.qweight, 32, q.scale_zeros)
+    assert got[0].isnan().all() and not got[2].isfinite().any() and got[1].isfinite().all()
+
+
 @pytest.mark.parametrize("rows", [3, 140])
 def test_int4_layer_uses_the_kernel_and_falls_back(monkeypatch, rows):
     """Int4Linear runs the op torchvlm::int4_linear (the profiler sees it) for few rows and, unlike PyTorch's

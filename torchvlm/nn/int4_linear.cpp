@@ -233,7 +233,8 @@ static void block(const uint8_t* qb, const Rows& r, const T* sz, T* out, int64_t
     if (m < M) panel<T, W, P, 1>(qb, 0, r.x + m * K, r.xsum + m * ng, sz, out + m * N, K, G, N, n0);
 }
 
-// Each group of a float32 row rounded to int16 with the scale max |x| / 32767 (0 for an all-zero group)
+// Each group of a float32 row rounded to int16 with the scale max |x| / 32767 (0 for an all-zero group). A NaN
+// or infinite input does not survive this, but it does the group's input sum, which every output adds.
 static void to_int16(const float* x, int16_t* qx, float* sx, int64_t n, int64_t G) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     for (int64_t g = 0; g < n / G; ++g) {
@@ -288,7 +289,8 @@ static at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight
     const int64_t K = x.size(-1), N = scale_zeros.size(1);
     const bool fits = x.dim() == 2 && x.is_contiguous() && scale_zeros.is_contiguous() && qweight.is_contiguous()
                       && qweight.scalar_type() == at::kByte && scale_zeros.scalar_type() == x.scalar_type()
-                      && group_size > 0 && group_size % 32 == 0 && group_size <= 2048 && K % group_size == 0 && N % 16 == 0
+                      && group_size > 0 && group_size % 32 == 0 && group_size <= 2048 && K % group_size == 0
+                      && N % 16 == 0
                       && scale_zeros.dim() == 3 && scale_zeros.size(0) == K / group_size
                       && qweight.numel() == N * K / 2;
     if (!fits) return at::_weight_int4pack_mm_for_cpu(x, qweight, group_size, scale_zeros);
