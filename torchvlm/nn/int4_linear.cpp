@@ -74,6 +74,18 @@ static inline __m256 hi(__m256i b) { return _mm256_cvtepi32_ps(_mm256_srli_epi32
 static constexpr int first(int W, int p, int h) { return W == 32 ? 8 * p + 16 * h : h; }
 static constexpr int step(int W) { return W == 32 ? 1 : 2; }
 
+// The sums of pairs p0 .. p0+P-1 against MR rows, rounded to T, into their places in out (rows y + n0)
+template <typename T, int W, int P, int MR>
+static inline void store(const __m256 (&acc)[MR][P][2], int p0, T* out, int64_t N) {
+    alignas(32) float r[8];
+    for (int i = 0; i < MR; ++i)
+        for (int p = 0; p < P; ++p)
+            for (int h = 0; h < 2; ++h) {
+                _mm256_store_ps(r, acc[i][p][h]);
+                for (int j = 0; j < 8; ++j) out[i * N + first(W, p0 + p, h) + j * step(W)] = static_cast<T>(r[j]);
+            }
+}
+
 // Pairs p0 .. p0+P-1 of a block against MR input rows. qb: the block's codes [K, W / 2]; x: [MR, K] float32;
 // xsum: [MR, K / G] the group sums of x; out: y + n0. 2 x 4 or 4 x 2 vectors of sums, enough to hide the
 // FMA latency (a second set for 1 row over unrolled steps measured no faster: the widening is the limit).
@@ -111,13 +123,7 @@ static void panel(const uint8_t* qb, int p0, const float* x, const float* xsum, 
                 }
             }
     }
-    alignas(32) float r[8];
-    for (int i = 0; i < MR; ++i)
-        for (int p = 0; p < P; ++p)
-            for (int h = 0; h < 2; ++h) {
-                _mm256_store_ps(r, acc[i][p][h]);
-                for (int j = 0; j < 8; ++j) out[i * N + first(W, p0 + p, h) + j * step(W)] = static_cast<T>(r[j]);
-            }
+    store<T, W, P, MR>(acc, p0, out, N);
 }
 
 // How far ahead (bytes) panel16 asks for the codes it will read: a small model's matrices (SmolLM2's are
@@ -182,13 +188,7 @@ static void panel16(const uint8_t* qb, const int16_t* qx, const float* sx, const
                 }
             }
     }
-    alignas(32) float r[8];
-    for (int i = 0; i < MR; ++i)
-        for (int p = 0; p < P; ++p)
-            for (int h = 0; h < 2; ++h) {
-                _mm256_store_ps(r, acc[i][p][h]);
-                for (int j = 0; j < 8; ++j) out[i * N + first(W, F + p, h) + j * step(W)] = static_cast<T>(r[j]);
-            }
+    store<T, W, P, MR>(acc, F, out, N);
 }
 
 // The rows as the panels read them: float32 (x), each group's input sum (xsum, for the zero points), and for
