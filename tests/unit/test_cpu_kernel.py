@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchvlm.nn import cpu_kernel
 from torchvlm.nn.cpu_kernel import kernel_available, lowp_linear
@@ -20,6 +21,19 @@ pytestmark = pytest.mark.skipif(not kernel_available(torch.bfloat16),
 # spacing of the format at 1.0: one rounding of an exact float32 sum is within half of it (float32 sums of
 # these few terms are exact to far below that)
 SPACING = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+class _OpSpy(TorchDispatchMode):
+    """Records the torchvlm ops called (name, rows' shape, weight's shape), then runs them."""
+
+    def __enter__(self):
+        self.calls = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "torchvlm":
+            self.calls.append((func._opname, tuple(args[0].shape), tuple(args[1].shape)))
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -40,28 +54,42 @@ def test_kernel_rounds_the_exact_product_once(dtype, rows, n, k, with_bias):
     assert ((got.double() - F.linear(x, w, bias).double()).abs() <= ulp * 1.01).all()
 
 
-def test_kernel_is_used_and_falls_back_for_autograd(monkeypatch):
-    """Without autograd the kernel computes the product (a spy sees it called); with a weight that needs a
-    gradient lowp_linear is F.linear, so UpcastLinear still trains."""
-    calls = []
-    real = cpu_kernel._kernel(torch.bfloat16)
-    monkeypatch.setattr(cpu_kernel, "_kernel", lambda dtype: lambda *a: (calls.append(a[4:7]), real(*a)))
+def test_kernel_is_used_and_falls_back_for_autograd():
+    """Without autograd the product is the op torchvlm::lowp_linear (whose CPU kernel is the C++ one, a
+    dispatch spy sees it called); with a weight that needs a gradient lowp_linear is F.linear, so
+    UpcastLinear still trains."""
     w = torch.randn(8, 32).bfloat16()
     x = torch.randn(3, 32).bfloat16()
-    with torch.no_grad():
+    with _OpSpy() as spy, torch.no_grad():
         lowp_linear(x, w)
-    assert calls == [(3, 8, 32)]
+    assert spy.calls == [("lowp_linear", (3, 32), (8, 32))]
     w.requires_grad_(True)
-    out = lowp_linear(x, w)
+    with _OpSpy() as spy:
+        out = lowp_linear(x, w)
     out.float().sum().backward()
-    assert len(calls) == 1 and w.grad is not None
+    assert not [c for c in spy.calls if c[0] == "lowp_linear"] and w.grad is not None
 
 
 def test_unbuildable_kernel_falls_back_to_f_linear(monkeypatch):
-    monkeypatch.setattr(cpu_kernel, "_kernel", lambda dtype: None)
+    monkeypatch.setattr(cpu_kernel, "_lowp_op", lambda: False)
     w, x = torch.randn(8, 32).bfloat16(), torch.randn(2, 32).bfloat16()
-    with torch.no_grad():
+    with _OpSpy() as spy, torch.no_grad():
         assert torch.equal(lowp_linear(x, w), F.linear(x, w))
+    assert not [c for c in spy.calls if c[0] == "lowp_linear"]
+
+
+def test_op_names_operands_that_do_not_fit():
+    """The C++ kernels take only what their wrappers pass them; anything else is a clear error, not a
+    silent other product."""
+    w = torch.randn(8, 32).bfloat16()
+    with pytest.raises(RuntimeError, match="lowp_linear: needs a contiguous bf16/fp16 weight"):
+        torch.ops.torchvlm.lowp_linear(torch.randn(2, 32), w, None)
+    with pytest.raises(RuntimeError, match="lowp_linear: bias must be a contiguous \\[8\\]"):
+        torch.ops.torchvlm.lowp_linear(torch.randn(2, 32).bfloat16(), w, torch.randn(7).bfloat16())
+    if cpu_kernel.int8_kernel_available(torch.bfloat16):
+        q = torch.zeros(8, 32, dtype=torch.int8)
+        with pytest.raises(RuntimeError, match="int8_linear: scale must be"):
+            torch.ops.torchvlm.int8_linear(torch.randn(2, 32).bfloat16(), q, torch.ones(8))
 
 
 def test_kernel_under_torch_compile():
@@ -221,18 +249,15 @@ def test_int8_layer_uses_the_kernel_and_falls_back(monkeypatch, rows):
     if not layer.own_kernel:
         pytest.skip("torchvlm's int8 kernel is used on AVX2 CPUs only")
     x = torch.randn(rows, 64).bfloat16()
-    calls = []
-    real = cpu_kernel._int8_kernel(torch.bfloat16)
-    monkeypatch.setattr(cpu_kernel, "_int8_kernel", lambda dtype: lambda *a: (calls.append(a[4:7]), real(*a)))
-    with torch.no_grad():
+    with _OpSpy() as spy, torch.no_grad():
         ours = layer(x)
-    assert calls == [(rows, 48, 64)]
+    assert [c for c in spy.calls if c[0] == "int8_linear"] == [("int8_linear", (rows, 64), (48, 64))]
     exact = F.linear(x.double(), layer.dequantize(torch.float64), layer.bias.double())
     torch.testing.assert_close(ours.double(), exact, rtol=2e-2, atol=2e-2)
-    monkeypatch.setattr(cpu_kernel, "_int8_kernel", lambda dtype: None)
-    with torch.no_grad():
+    monkeypatch.setattr(cpu_kernel, "_lowp_op", lambda: False)
+    with _OpSpy() as spy, torch.no_grad():
         torch.testing.assert_close(layer._kernel(x), ours - layer.bias, rtol=2e-2, atol=2e-2)
-    assert len(calls) == 1
+    assert not [c for c in spy.calls if c[0] == "int8_linear"]
 
 
 def test_int8_kernel_under_torch_compile():

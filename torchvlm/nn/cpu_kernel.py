@@ -5,24 +5,27 @@ at about 16-20 GFLOP/s on 2 cores whatever the number of rows, so a batch of 8 r
 The kernel reads each weight row once, widens it to float32 in registers and accumulates with fused
 multiply-adds, several input rows per loaded weight vector (docs/performance.md has the figures). Each
 output is one float32 sum rounded once to the layer's dtype, as the bf16 ``F.linear`` rounds, only summed
-in another order: equal within bf16 rounding, not bit-identical (tests/unit/test_cpu_kernel.py). Built
-with int8 weights it is :func:`int8_linear`, the product of ``torch._weight_int8pack_mm``.
+in another order: equal within bf16 rounding, not bit-identical (tests/unit/test_cpu_kernel.py). The same
+kernel with int8 weights is :func:`int8_linear`, the product of ``torch._weight_int8pack_mm``.
 
 ``int4_linear.cpp``: int4 weights in the layout ``torch._convert_weight_to_int4pack_for_cpu`` makes on an
 AVX2 CPU, the product of ``torch._weight_int4pack_mm_for_cpu`` (for bf16 rows from inputs rounded to int16
 per group, each within 1/65534 of its group's largest, which lets ``vpmaddwd`` multiply two steps at once).
-It is linked against libtorch and registers itself as the CPU kernel of the op ``torchvlm::int4_linear``, so
-compiled graphs call it without Python.
+
+Both libraries are linked against libtorch and register themselves as the CPU kernels of the ops
+``torchvlm::lowp_linear``, ``torchvlm::int8_linear`` and ``torchvlm::int4_linear``, so compiled graphs call
+them without Python (for the compiled SmolLM2-135M bf16 step that was ~1.1 ms of ~17 a token, against
+Python kernels calling the same C++). The Python functions below check the operands and call the ops.
 
 PyTorch's int8/int4 ops are slow on AVX2 (the kernels: ~1.5-1.8x at one row, docs/quantization.md);
 :mod:`torchvlm.nn.quant` calls these kernels there. They are built with PyTorch Inductor's C++ toolchain
 (the compiler, flags, vector ISA and OpenMP that ``torch.compile`` uses on the CPU) on first use, which
-:func:`torchvlm.nn.fast.pack_linears` and quantization make happen at load time: about a second each (the
-libtorch-linked int4 library ~15 s), then cached on disk by Inductor. That toolchain is a private PyTorch
-API: if a build fails (no C++ compiler, another PyTorch version, no AVX2 for the int4 kernel), a warning
-says why and the PyTorch op is used (``F.linear``, ``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``);
-``TORCHVLM_CPU_KERNEL=0`` in the environment turns all three kernels off the same way (for A/B timing).
-Inference only: with autograd recording, :func:`lowp_linear` is ``F.linear``.
+:func:`torchvlm.nn.fast.pack_linears` and quantization make happen at load time: ~15 s each, then cached on
+disk by Inductor. That toolchain is a private PyTorch API: if a build fails (no C++ compiler, another
+PyTorch version, no AVX2 for the int4 kernel), a warning says why and the PyTorch op is used
+(``F.linear``, ``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``); ``TORCHVLM_CPU_KERNEL=0`` in the
+environment turns all three kernels off the same way (for A/B timing). Inference only: with autograd
+recording, :func:`lowp_linear` is ``F.linear``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import functools
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,58 +43,18 @@ from torch import Tensor
 __all__ = ["lowp_linear", "int8_linear", "int4_linear", "kernel_available", "int8_kernel_available",
            "int4_kernel_available", "records_grad"]
 
-_ARGTYPES = ["const {w}*", "const {w}*", "const {w}*", "{w}*", "int64_t", "int64_t", "int64_t", "int64_t"]
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # lowp_linear's weights and rows
+_INT8_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # int8_linear's rows
 
 
 def _enabled() -> bool:
     return os.environ.get("TORCHVLM_CPU_KERNEL", "1") != "0"
 
 
-def _build_failed(source: str, e: Exception, what: str) -> None:
-    warnings.warn(f"torchvlm: the C++ kernel {source} could not be built ({type(e).__name__}: {e}); {what} "
-                  "use the PyTorch op (slower on this CPU)", RuntimeWarning, stacklevel=4)
-
-
 @functools.cache
-def _build_lowp(dtype: torch.dtype, int8: bool) -> Optional[Callable]:
-    """``lowp_linear.cpp`` compiled for ``dtype`` rows (and weights, unless ``int8``: int8 weights), or None
-    (with one warning) where it cannot be built."""
-    if dtype not in ((torch.bfloat16, torch.float16, torch.float32) if int8 else (torch.bfloat16, torch.float16)):
-        return None
-    if not _enabled():
-        return None
-    try:
-        from torch._inductor import cpu_vec_isa
-        from torch._inductor.codecache import CppPythonBindingsCodeCache
-
-        if not cpu_vec_isa.pick_vec_isa():
-            raise RuntimeError("Inductor found no vector instruction set on this CPU")
-        c_type = {torch.bfloat16: "at::BFloat16", torch.float16: "at::Half", torch.float32: "float"}[dtype]
-        code = (f"#define TORCHVLM_WEIGHT {c_type}\n" + ("#define TORCHVLM_INT8\n" if int8 else "")
-                + Path(__file__).with_name("lowp_linear.cpp").read_text())
-        argtypes = [a.format(w=c_type) for a in _ARGTYPES]
-        if int8:
-            argtypes[0] = "const int8_t*"
-        return CppPythonBindingsCodeCache.load_pybinding(argtypes, code)
-    except Exception as e:  # noqa: BLE001 - any toolchain failure means: use the PyTorch op
-        _build_failed("lowp_linear.cpp", e, f"decode-sized {'int8' if int8 else dtype} products")
-        return None
-
-
-def _kernel(dtype: torch.dtype) -> Optional[Callable]:
-    """The bf16/fp16 linear kernel for ``dtype`` weights and rows, or None."""
-    return _build_lowp(dtype, False)
-
-
-def _int8_kernel(dtype: torch.dtype) -> Optional[Callable]:
-    """The int8-weight kernel for ``dtype`` rows, scales and output, or None."""
-    return _build_lowp(dtype, True)
-
-
-@functools.cache
-def _int4_op() -> bool:
-    """Whether ``int4_linear.cpp`` is built and loaded, i.e. registered as the CPU kernel of the op
-    ``torchvlm::int4_linear`` (builds it on the first call; False with one warning where it cannot be)."""
+def _load(source: str) -> bool:
+    """Whether the C++ library ``source`` (next to this file) is built and loaded, i.e. registered as the
+    CPU kernel of its ops (builds it on the first call; False with one warning where it cannot be)."""
     if not _enabled():
         return False
     try:
@@ -101,21 +64,33 @@ def _int4_op() -> bool:
             cache: dict = {}
             cpp_compile_command_flags = {"include_pytorch": True, "shared": True}
 
-        library = _LinkedToTorch.load(Path(__file__).with_name("int4_linear.cpp").read_text())
-        return bool(library.torchvlm_int4_linear_loaded())
-    except Exception as e:  # noqa: BLE001 - any toolchain failure means: use _weight_int4pack_mm_for_cpu
-        _build_failed("int4_linear.cpp", e, "int4 products")
+        library = _LinkedToTorch.load(Path(__file__).with_name(source).read_text())
+        return bool(getattr(library, f"torchvlm_{Path(source).stem}_loaded")())
+    except Exception as e:  # noqa: BLE001 - any toolchain failure means: use the PyTorch op
+        what = {"lowp_linear.cpp": "bf16/fp16 and int8", "int4_linear.cpp": "int4"}[source]
+        warnings.warn(f"torchvlm: the C++ kernel {source} could not be built ({type(e).__name__}: {e}); "
+                      f"{what} products use the PyTorch op (slower on this CPU)", RuntimeWarning, stacklevel=3)
         return False
+
+
+def _lowp_op() -> bool:
+    """Whether ``lowp_linear.cpp`` is the CPU kernel of ``torchvlm::lowp_linear`` and ``torchvlm::int8_linear``."""
+    return _load("lowp_linear.cpp")
+
+
+def _int4_op() -> bool:
+    """Whether ``int4_linear.cpp`` is the CPU kernel of ``torchvlm::int4_linear``."""
+    return _load("int4_linear.cpp")
 
 
 def kernel_available(dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether the kernel for ``dtype`` weights builds on this machine (builds it on the first call)."""
-    return _kernel(dtype) is not None
+    return dtype in _KERNEL_DTYPES and _lowp_op()
 
 
 def int8_kernel_available(dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether the int8 kernel for ``dtype`` rows builds on this machine (builds it on the first call)."""
-    return _int8_kernel(dtype) is not None
+    return dtype in _INT8_DTYPES and _lowp_op()
 
 
 def int4_kernel_available() -> bool:
@@ -129,25 +104,12 @@ def records_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> bo
                                         or (bias is not None and bias.requires_grad))
 
 
-def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    kernel = _kernel(weight.dtype)
-    if (kernel is None or x.dtype != weight.dtype or x.device.type != "cpu" or not weight.is_contiguous()
-            or (bias is not None and (bias.dtype != weight.dtype or not bias.is_contiguous()))):
-        return F.linear(x, weight, bias)
-    n, k = weight.shape
-    rows = x.reshape(-1, k).contiguous()
-    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
-    kernel(weight, rows, weight if bias is None else bias, out, rows.shape[0], n, k, int(bias is not None))
-    return out
-
-
-# The op a compiled graph calls. Defined through torch.library.Library rather than torch.library.custom_op,
-# whose Python wrapper layers cost more a call (a tiny product: 31 against 51 us on a 2-core AVX2 VM; the
-# compiled SmolLM2 bf16 decode step, 121 such calls, went from ~22.5 to ~17 ms). Inference only, like
-# lowp_linear's kernel path: no autograd.
+# The ops. Their CPU kernels are lowp_linear.cpp's, registered when it is loaded (_lowp_op); they are
+# declared here, with the PyTorch op as the kernel of every other case (no build), and a fake for tracing.
+# Inference only: no autograd.
 _LIB = torch.library.Library("torchvlm", "FRAGMENT")  # other torchvlm ops may add fragments
 _LIB.define("lowp_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-_LIB.impl("lowp_linear", _run, "CompositeExplicitAutograd")
+_LIB.impl("lowp_linear", F.linear, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("torchvlm::lowp_linear")
@@ -157,28 +119,20 @@ def _(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 def lowp_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(x, weight, bias)`` for a bf16/fp16 CPU weight through the C++ kernel (float32 accumulation,
-    one rounding to ``x.dtype``); ``F.linear`` itself where the kernel does not apply or autograd needs a
-    graph. Under ``torch.compile`` it is the opaque custom op ``torchvlm::lowp_linear``."""
-    if records_grad(x, weight, bias):
+    one rounding to ``x.dtype``); ``F.linear`` itself where the kernel does not apply (other dtypes or
+    devices, a non-contiguous weight or bias, no build) or autograd needs a graph. It is the op
+    ``torchvlm::lowp_linear``, opaque under ``torch.compile``."""
+    if (records_grad(x, weight, bias) or x.dtype != weight.dtype or weight.dtype not in _KERNEL_DTYPES
+            or x.device.type != "cpu" or not weight.is_contiguous()
+            or (bias is not None and (bias.dtype != weight.dtype or not bias.is_contiguous()))):
         return F.linear(x, weight, bias)
-    if torch.compiler.is_compiling():
-        return torch.ops.torchvlm.lowp_linear(x, weight, bias)
-    return _run(x, weight, bias)  # eager: skip the op dispatch (~15 us a call)
-
-
-def _run_int8(x: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
-    kernel = _int8_kernel(x.dtype)
-    if kernel is None or scale.dtype != x.dtype or not x.is_contiguous() or not qweight.is_contiguous():
-        return torch._weight_int8pack_mm(x, qweight, scale)
-    m, k = x.shape
-    n = qweight.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype)
-    kernel(qweight, x, scale, out, m, n, k, 1)
-    return out
+    if torch.compiler.is_compiling() or _lowp_op():  # (compiled without the build: the op is F.linear)
+        return torch.ops.torchvlm.lowp_linear.default(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 _LIB.define("int8_linear(Tensor x, Tensor qweight, Tensor scale) -> Tensor")
-_LIB.impl("int8_linear", _run_int8, "CompositeExplicitAutograd")
+_LIB.impl("int8_linear", torch._weight_int8pack_mm, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("torchvlm::int8_linear")
@@ -188,12 +142,12 @@ def _(x: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
 
 def int8_linear(x: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
     """``torch._weight_int8pack_mm(x, qweight, scale)`` (int8 ``qweight [N, K]``, per-row ``scale [N]`` in
-    ``x.dtype``, ``x [M, K]`` contiguous on the CPU) through the C++ kernel (``lowp_linear.cpp`` with int8
-    weights) where it builds, else that op. No autograd. Under ``torch.compile`` it is the opaque op
-    ``torchvlm::int8_linear``."""
-    if torch.compiler.is_compiling():
-        return torch.ops.torchvlm.int8_linear(x, qweight, scale)
-    return _run_int8(x, qweight, scale)  # eager: skip the op dispatch
+    ``x.dtype``, ``x [M, K]`` contiguous on the CPU) through the C++ kernel where it builds, else that op.
+    No autograd. It is the op ``torchvlm::int8_linear``, opaque under ``torch.compile``."""
+    if (x.dtype in _INT8_DTYPES and scale.dtype == x.dtype and x.is_contiguous() and qweight.is_contiguous()
+            and (torch.compiler.is_compiling() or _lowp_op())):
+        return torch.ops.torchvlm.int8_linear.default(x, qweight, scale)
+    return torch._weight_int8pack_mm(x, qweight, scale)
 
 
 # The op's kernel in C++ is int4_linear.cpp, registered for the CPU when it is loaded (_int4_op). This
