@@ -270,3 +270,99 @@ def test_int8_kernel_under_torch_compile():
     with torch.no_grad():
         compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
         assert torch.equal(compiled, f(x))
+
+
+# ------------------------------------------------------------------------------ one-query attention kernel
+def _attention_operands(b, hq, hkv, length, d, dv, dtype, seed):
+    if not cpu_kernel.attention_kernel_available():
+        pytest.skip("no C++ toolchain for Inductor on this machine")
+    g = torch.Generator().manual_seed(seed)
+    # k and v are views of the filled prefix of a longer cache, q a transposed [B, 1, Hq, D], as in a decode step
+    k = torch.randn(b, hkv, length + 7, d, generator=g).to(dtype)[:, :, :length]
+    v = torch.randn(b, hkv, length + 7, dv, generator=g).to(dtype)[:, :, :length]
+    q = torch.randn(b, 1, hq, d, generator=g).to(dtype).transpose(1, 2)
+    return q, k, v, g
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,hq,hkv,length,d,dv,mask_shape", [
+    (1, 9, 3, 112, 64, 64, "b1"),  # SmolLM2's heads, GQA
+    (2, 4, 4, 37, 80, 80, "bh"),  # one mask per head, D not a multiple of the vector width
+    (3, 6, 1, 5, 16, 24, None),  # MQA, no mask, Dv != D
+    (2, 2, 2, 300, 128, 128, "11"),  # one mask for all rows
+])
+def test_decode_attention_kernel_is_float32_attention(dtype, b, hq, hkv, length, d, dv, mask_shape):
+    """softmax(scale q k^T) v over the allowed keys, in float32 rounded once: within a rounding of the
+    float64 result (plus float32 summing), equal to that of PyTorch's float32 SDPA within the same."""
+    q, k, v, g = _attention_operands(b, hq, hkv, length, d, dv, dtype, seed=b * 100 + length + d)
+    shape = {"b1": (b, 1, 1, length), "bh": (b, hq, 1, length), "11": (1, 1, 1, length), None: None}[mask_shape]
+    mask = None if shape is None else torch.rand(*shape, generator=g) > 0.4
+    if mask is not None:
+        mask[..., 0] = True  # every query attends some key
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=0.3,
+                                           enable_gqa=True)
+    got = cpu_kernel.decode_attention(q, k, v, mask, 0.3)
+    assert got.dtype == dtype and got.shape == (b, hq, 1, dv)
+    ulp = exact.abs().clamp_min(2.0**-6) * SPACING[dtype]
+    assert ((got.double() - exact).abs() <= ulp * 0.5 + 1e-5).all()
+    sdpa = cpu_kernel._decode_attention_sdpa(q, k, v, mask, 0.3)
+    assert ((got.double() - sdpa.double()).abs() <= ulp * 1.01 + 1e-5).all()
+
+
+def test_decode_attention_kernel_edge_cases():
+    """A query that may attend no key gives zeros (as float32 SDPA does); a masked key's value, even an
+    infinite one, does not reach the output."""
+    q, k, v, _ = _attention_operands(1, 2, 1, 6, 16, 16, torch.bfloat16, seed=7)
+    v = v.clone()
+    v[0, 0, 3] = float("inf")
+    mask = torch.tensor([True, True, True, False, True, False]).view(1, 1, 1, 6).expand(1, 2, 1, 6).clone()
+    mask[0, 1] = False
+    got = cpu_kernel.decode_attention(q, k, v, mask, 0.25)
+    assert torch.isfinite(got[0, 0]).all() and (got[0, 1] == 0).all()
+    keep = mask[0, 0, 0]
+    ref = F.scaled_dot_product_attention(q[:, :1].float(), k[:, :, keep].float(), v[:, :, keep].float(), scale=0.25)
+    torch.testing.assert_close(got[:, :1].float(), ref, rtol=2**-7, atol=1e-5)
+
+
+def test_attention_uses_the_decode_kernel_only_where_it_applies():
+    """attention() sends a bf16 one-query CPU step with a bool mask (or none) to the kernel (a dispatch spy
+    sees it), and everything else (float masks, fp32, several queries, autograd) to SDPA."""
+    from torchvlm.nn.attention import attention
+
+    q, k, v, _ = _attention_operands(1, 4, 2, 10, 32, 32, torch.bfloat16, seed=3)
+    mask = torch.ones(1, 1, 1, 10, dtype=torch.bool)
+
+    def ops(*args, **kwargs):
+        with _OpSpy() as spy, torch.no_grad():
+            attention(*args, **kwargs)
+        return [c[0] for c in spy.calls]
+
+    assert ops(q, k, v, mask=mask) == ["decode_attention"]
+    assert ops(q, k, v) == ["decode_attention"]
+    assert ops(q, k, v, mask=torch.zeros(1, 1, 1, 10)) == []
+    assert ops(q.float(), k.float(), v.float(), mask=mask) == []
+    assert ops(torch.cat([q, q], 2), k, v) == []
+    q.requires_grad_(True)
+    with _OpSpy() as spy:
+        attention(q, k, v, mask=mask).float().sum().backward()
+    assert not spy.calls and q.grad is not None
+
+
+def test_decode_attention_under_torch_compile():
+    q, k, v, _ = _attention_operands(1, 4, 2, 10, 32, 32, torch.bfloat16, seed=5)
+    mask = torch.rand(1, 1, 1, 10) > 0.3
+
+    def f(q):
+        return cpu_kernel.decode_attention(q, k, v, mask, 0.2) * 2
+
+    with torch.no_grad():
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q)
+        assert torch.equal(compiled, f(q))
+
+
+def test_decode_attention_op_names_operands_that_do_not_fit():
+    q, k, v, _ = _attention_operands(1, 4, 2, 10, 32, 32, torch.bfloat16, seed=5)
+    with pytest.raises(RuntimeError, match="decode_attention: needs bf16/fp16 q"):
+        torch.ops.torchvlm.decode_attention(q.float(), k, v, None, 0.2)
+    with pytest.raises(RuntimeError, match="decode_attention: mask must be bool"):
+        torch.ops.torchvlm.decode_attention(q, k, v, torch.ones(1, 1, 1, 9, dtype=torch.bool), 0.2)

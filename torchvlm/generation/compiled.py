@@ -23,6 +23,7 @@ import weakref
 import torch
 from torch import Tensor
 
+from ..nn.fast import build_decode_kernels
 from ..nn.kv_cache import KVCache
 
 #: Inductor options of the compiled step (see the module docstring).
@@ -60,6 +61,7 @@ def compiled_step(lm):
     """The compiled decode step of ``lm`` (compiled lazily on first call, then cached per model)."""
     fn = _compiled.get(lm)
     if fn is None:
+        build_decode_kernels(lm)  # before tracing: the graph calls the kernels that exist then
         fn = torch.compile(_step_fn(lm), dynamic=False, fullgraph=True)
         _compiled[lm] = fn
     return fn

@@ -15,8 +15,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .cpu_kernel import decode_attention
+
 #: Dtypes whose one-query CPU attention runs in float32 (see :func:`attention`).
 _UPCAST_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _fits_decode_kernel(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
+    """Whether :func:`~torchvlm.nn.cpu_kernel.decode_attention` takes these one-query operands."""
+    b, hq, _, d = q.shape
+    if (k.dtype != q.dtype or v.dtype != q.dtype or k.dim() != 4 or v.dim() != 4 or k.shape[-1] != d
+            or k.shape[0] != b or v.shape[:3] != k.shape[:3] or q.stride(-1) != 1 or k.stride(-1) != 1
+            or v.stride(-1) != 1):
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    return mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] in (1, b)
+                            and mask.shape[1] in (1, hq) and mask.shape[2] == 1 and mask.shape[3] == k.shape[2])
 
 
 def attention(
@@ -49,9 +64,13 @@ def attention(
         raise ValueError(f"attention: {hq} query heads is not a multiple of {hkv} key/value heads")
     if softcap is None:  # SDPA handles GQA itself, without materialising repeated K/V
         if q.shape[-2] == 1 and q.dtype in _UPCAST_DTYPES and q.is_cpu and not dropout_p:
-            # A one-query (decode) step in bf16/fp16 on CPU: the reduced-precision SDPA kernel is several
-            # times slower there than the float32 one on upcast inputs (about 0.7 us per key per head
-            # group; docs/performance.md), and float32 is the more accurate of the two.
+            # A one-query (decode) step in bf16/fp16 on CPU: PyTorch's reduced-precision SDPA kernel is several
+            # times slower there than the float32 one on upcast inputs, which in turn spends most of its time
+            # in per-head overheads; torchvlm's C++ kernel computes it in float32 straight from the cache
+            # (docs/performance.md), and float32 is the more accurate.
+            scale = q.shape[-1] ** -0.5 if scale is None else scale
+            if not is_causal and _fits_decode_kernel(q, k, v, mask):
+                return decode_attention(q, k, v, mask, scale)
             if mask is not None and mask.is_floating_point():
                 mask = mask.float()
             out = F.scaled_dot_product_attention(

@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["lowp_linear", "int8_linear", "int4_linear", "kernel_available", "int8_kernel_available",
-           "int4_kernel_available", "records_grad"]
+__all__ = ["lowp_linear", "int8_linear", "int4_linear", "decode_attention", "kernel_available",
+           "int8_kernel_available", "int4_kernel_available", "attention_kernel_available", "records_grad"]
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # lowp_linear's weights and rows
 _INT8_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # int8_linear's rows
@@ -67,9 +67,10 @@ def _load(source: str) -> bool:
         library = _LinkedToTorch.load(Path(__file__).with_name(source).read_text())
         return bool(getattr(library, f"torchvlm_{Path(source).stem}_loaded")())
     except Exception as e:  # noqa: BLE001 - any toolchain failure means: use the PyTorch op
-        what = {"lowp_linear.cpp": "bf16/fp16 and int8", "int4_linear.cpp": "int4"}[source]
+        what = {"lowp_linear.cpp": "bf16/fp16 and int8 products", "int4_linear.cpp": "int4 products",
+                "decode_attention.cpp": "one-query bf16/fp16 attention"}[source]
         warnings.warn(f"torchvlm: the C++ kernel {source} could not be built ({type(e).__name__}: {e}); "
-                      f"{what} products use the PyTorch op (slower on this CPU)", RuntimeWarning, stacklevel=3)
+                      f"{what} use the PyTorch op (slower on this CPU)", RuntimeWarning, stacklevel=3)
         return False
 
 
@@ -81,6 +82,11 @@ def _lowp_op() -> bool:
 def _int4_op() -> bool:
     """Whether ``int4_linear.cpp`` is the CPU kernel of ``torchvlm::int4_linear``."""
     return _load("int4_linear.cpp")
+
+
+def _attention_op() -> bool:
+    """Whether ``decode_attention.cpp`` is the CPU kernel of ``torchvlm::decode_attention``."""
+    return _load("decode_attention.cpp")
 
 
 def kernel_available(dtype: torch.dtype = torch.bfloat16) -> bool:
@@ -96,6 +102,11 @@ def int8_kernel_available(dtype: torch.dtype = torch.bfloat16) -> bool:
 def int4_kernel_available() -> bool:
     """Whether the int4 kernel builds on this machine (builds it on the first call)."""
     return _int4_op()
+
+
+def attention_kernel_available() -> bool:
+    """Whether the one-query attention kernel builds on this machine (builds it on the first call)."""
+    return _attention_op()
 
 
 def records_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> bool:
@@ -171,3 +182,31 @@ def int4_linear(x: Tensor, qweight: Tensor, group_size: int, scale_zeros: Tensor
     if torch.compiler.is_compiling() or _int4_op():
         return torch.ops.torchvlm.int4_linear.default(x, qweight, group_size, scale_zeros)
     return torch._weight_int4pack_mm_for_cpu(x, qweight, group_size, scale_zeros)
+
+
+def _decode_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
+    # PyTorch's SDPA on float32 copies: the op's kernel where decode_attention.cpp is not built
+    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return out.to(q.dtype)
+
+
+_LIB.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
+_LIB.impl("decode_attention", _decode_attention_sdpa, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("torchvlm::decode_attention")
+def _(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
+    return q.new_empty((q.shape[0], q.shape[1], 1, v.shape[3]))
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
+    """Attention of one query per row and head (``q [B, Hq, 1, D]``) over bf16/fp16 CPU keys and values
+    ``[B, Hkv, L, D or Dv]`` (GQA when ``Hkv < Hq``), with an optional bool ``mask [B or 1, 1 or Hq, 1, L]``
+    (True = may attend): ``softmax(scale * q k^T) v`` in float32, rounded once to ``q.dtype``. Through the
+    C++ kernel (``decode_attention.cpp``) where it builds, else PyTorch's SDPA on float32 copies; the two
+    agree within float32 summing order. No autograd. It is the op ``torchvlm::decode_attention``, opaque
+    under ``torch.compile``. The caller checks the operands (:func:`torchvlm.nn.attention.attention`)."""
+    if torch.compiler.is_compiling() or _attention_op():
+        return torch.ops.torchvlm.decode_attention.default(q, k, v, mask, scale)
+    return _decode_attention_sdpa(q, k, v, mask, scale)

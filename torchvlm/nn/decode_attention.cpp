@@ -1,0 +1,165 @@
+// torchvlm::decode_attention(q, k, v, mask, scale) on the CPU: the attention of one query per row and head
+// over a KV cache in bf16/fp16, computed in float32, for the decode steps of torchvlm.nn.attention.attention:
+//   q [B, Hq, 1, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv] (Hq % Hkv == 0: query head h reads K/V head
+//   h / (Hq / Hkv)); mask: none, or bool [B or 1, 1 or Hq, 1, L], True where the query may attend.
+//   Returns [B, Hq, 1, Dv] in q's dtype: softmax(scale * q k^T) v over the keys it may attend, each output
+//   one float32 sum rounded once; zeros for a query that may attend no key (as float32 SDPA gives).
+// The last dimension of q, k and v must be contiguous; the others may have any strides (a KV cache's
+// filled prefix is a view).
+//
+// Why: for one query PyTorch's SDPA runs its flash kernel, whose per-head GEMMs on tiny shapes (MKL packs
+// the keys for each) and float32 copies of the cache cost ~50 us a layer for SmolLM2-135M's 9 heads over
+// ~100 keys, where the arithmetic is ~130 thousand multiply-adds.
+//
+// torchvlm.nn.cpu_kernel builds this with PyTorch Inductor's C++ toolchain, linked against libtorch; it
+// registers the op's CPU kernel with the dispatcher, so a compiled graph calls it without Python.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <vector>
+
+using fV = at::vec::Vectorized<float>;
+
+// widen n (a multiple of fV::size()) values of p into float32 at o
+template <typename T>
+static inline void widen(const T* p, float* o, int64_t n) {
+    using tV = at::vec::Vectorized<T>;
+    int64_t i = 0;
+    for (; i + tV::size() <= n; i += tV::size()) {
+        auto f = at::vec::convert<float, 2, T, 1>(tV::loadu(p + i));
+        f[0].store(o + i);
+        f[1].store(o + i + fV::size());
+    }
+    for (; i < n; ++i) o[i] = static_cast<float>(p[i]);
+}
+
+// sum_i a[i] * b[i] for float a and T b, n values
+template <typename T>
+static inline float dot(const float* a, const T* b, int64_t n) {
+    using tV = at::vec::Vectorized<T>;
+    fV s0(0), s1(0);
+    int64_t i = 0;
+    for (; i + tV::size() <= n; i += tV::size()) {
+        auto f = at::vec::convert<float, 2, T, 1>(tV::loadu(b + i));
+        s0 = at::vec::fmadd(f[0], fV::loadu(a + i), s0);
+        s1 = at::vec::fmadd(f[1], fV::loadu(a + i + fV::size()), s1);
+    }
+    float s = at::vec::vec_reduce_all<float>(std::plus<fV>(), s0 + s1);
+    for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
+    return s;
+}
+
+// acc[i] += p * b[i] for T b, n values
+template <typename T>
+static inline void axpy(float p, const T* b, float* acc, int64_t n) {
+    using tV = at::vec::Vectorized<T>;
+    const fV pv(p);
+    int64_t i = 0;
+    for (; i + tV::size() <= n; i += tV::size()) {
+        auto f = at::vec::convert<float, 2, T, 1>(tV::loadu(b + i));
+        at::vec::fmadd(f[0], pv, fV::loadu(acc + i)).store(acc + i);
+        at::vec::fmadd(f[1], pv, fV::loadu(acc + i + fV::size())).store(acc + i + fV::size());
+    }
+    for (; i < n; ++i) acc[i] += p * static_cast<float>(b[i]);
+}
+
+template <typename T>
+static void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mask,
+                int64_t mask_sb, int64_t mask_sh, int64_t mask_sl, float scale, at::Tensor& out) {
+    const int64_t B = q.size(0), Hq = q.size(1), Hkv = k.size(1), L = k.size(2), D = q.size(3), Dv = v.size(3);
+    const int64_t group = Hq / Hkv;
+    const T* qp = q.data_ptr<T>();
+    const T* kp = k.data_ptr<T>();
+    const T* vp = v.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    // a few heads per thread at least: one head is ~L * (D + Dv) multiply-adds, too little to split
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, L * (D + Dv)));
+    at::parallel_for(0, B * Hq, grain, [&](int64_t i0, int64_t i1) {
+        std::vector<float> qf(D), p(L), acc(Dv);
+        for (int64_t i = i0; i < i1; ++i) {
+            const int64_t b = i / Hq, h = i % Hq, g = h / group;
+            widen(qp + b * q.stride(0) + h * q.stride(1), qf.data(), D);
+            const T* kb = kp + b * k.stride(0) + g * k.stride(1);
+            const T* vb = vp + b * v.stride(0) + g * v.stride(1);
+            const bool* mb = mask ? mask + b * mask_sb + h * mask_sh : nullptr;
+            float top = -std::numeric_limits<float>::infinity();
+            for (int64_t l = 0; l < L; ++l) {
+                if (mb && !mb[l * mask_sl]) {
+                    p[l] = -std::numeric_limits<float>::infinity();
+                    continue;
+                }
+                p[l] = dot(qf.data(), kb + l * k.stride(2), D) * scale;
+                top = std::max(top, p[l]);
+            }
+            std::fill(acc.begin(), acc.end(), 0.0f);
+            T* o = op + i * Dv;
+            if (top == -std::numeric_limits<float>::infinity()) {  // no key to attend
+                for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(0.0f);
+                continue;
+            }
+            // p = exp(s - top), vectorized; masked keys (-inf) give 0
+            int64_t l = 0;
+            for (; l + fV::size() <= L; l += fV::size()) (fV::loadu(p.data() + l) - fV(top)).exp().store(p.data() + l);
+            for (; l < L; ++l) p[l] = std::exp(p[l] - top);
+            float sum = 0.0f;
+            for (l = 0; l < L; ++l) {
+                if (p[l] == 0.0f) continue;
+                sum += p[l];
+                axpy(p[l], vb + l * v.stride(2), acc.data(), Dv);
+            }
+            for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(acc[d] / sum);
+        }
+    });
+}
+
+static at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const std::optional<at::Tensor>& mask, double scale) {
+    const auto t = q.scalar_type();
+    TORCH_CHECK((t == at::kBFloat16 || t == at::kHalf) && k.scalar_type() == t && v.scalar_type() == t
+                    && q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1,
+                "torchvlm::decode_attention: needs bf16/fp16 q [B, Hq, 1, D], k [B, Hkv, L, D] and v [B, Hkv, L, Dv] "
+                "of one dtype, got q ", t, " ", q.sizes(), ", k ", k.scalar_type(), " ", k.sizes(), ", v ",
+                v.scalar_type(), " ", v.sizes());
+    const int64_t B = q.size(0), Hq = q.size(1), L = k.size(2);
+    TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == k.size(1) && v.size(2) == L && k.size(3) == q.size(3)
+                    && k.size(1) > 0 && Hq % k.size(1) == 0 && q.stride(3) == 1 && k.stride(3) == 1
+                    && v.stride(3) == 1,
+                "torchvlm::decode_attention: shapes or strides do not fit: q ", q.sizes(), ", k ", k.sizes(), ", v ",
+                v.sizes(), " (Hq a multiple of Hkv, the last dimension contiguous)");
+    const bool* mp = nullptr;
+    int64_t sb = 0, sh = 0, sl = 0;
+    if (mask.has_value()) {
+        const at::Tensor& m = *mask;
+        TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 && (m.size(0) == 1 || m.size(0) == B)
+                        && (m.size(1) == 1 || m.size(1) == Hq) && m.size(2) == 1 && m.size(3) == L,
+                    "torchvlm::decode_attention: mask must be bool [B or 1, 1 or Hq, 1, ", L, "], got ",
+                    m.scalar_type(), " ", m.sizes());
+        mp = m.data_ptr<bool>();
+        sb = m.size(0) == 1 ? 0 : m.stride(0);
+        sh = m.size(1) == 1 ? 0 : m.stride(1);
+        sl = m.stride(3);
+    }
+    at::Tensor out = at::empty({B, Hq, 1, v.size(3)}, q.options());
+    const float s = static_cast<float>(scale);
+    if (t == at::kBFloat16)
+        run<at::BFloat16>(q, k, v, mp, sb, sh, sl, s, out);
+    else
+        run<at::Half>(q, k, v, mp, sb, sh, sl, s, out);
+    return out;
+}
+
+TORCH_LIBRARY_IMPL(torchvlm, CPU, m) { m.impl("decode_attention", &decode_attention_cpu); }
+
+// torchvlm.nn.cpu_kernel checks that the library loaded by this symbol
+extern "C" int torchvlm_decode_attention_loaded() { return 1; }
