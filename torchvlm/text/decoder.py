@@ -18,7 +18,8 @@ from ..nn.attention import attention, build_mask
 from ..nn.kv_cache import KVCache
 from ..nn.mlp import GatedMLP
 from ..nn.norm import RMSNorm
-from ..nn.rope import apply_rope, check_rope_scaling, inv_freq, mrope_components, rope_cos_sin, rope_tables
+from ..nn.rope import (apply_rope, check_rope_scaling, inv_freq, mrope_components, rope_cos_sin, rope_tables,
+                       static_inv_freq)
 
 
 @dataclass
@@ -149,15 +150,11 @@ class TextModel(nn.Module):
         cfg = self.cfg
         b, t = positions.shape[:2]
         end = start + t if slots is None else kv_len
-        freqs = inv_freq(
-            cfg.head_dim,
-            cfg.rope_theta,
-            cfg.rope_scaling,
-            # only dynamic NTK depends on the length (and costs a host sync); the others are static
-            seq_len=int(positions.max()) + 1 if self.dynamic_rope else None,
-            max_position_embeddings=cfg.max_position_embeddings,
-            device=positions.device,
-        )
+        if self.dynamic_rope:  # only dynamic NTK depends on the length (and costs a host sync)
+            freqs = inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, seq_len=int(positions.max()) + 1,
+                             max_position_embeddings=cfg.max_position_embeddings, device=positions.device)
+        else:
+            freqs = static_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, positions.device)
         components = None
         if positions.dim() == 3:
             if cfg.mrope_section is None:
