@@ -1,4 +1,5 @@
-"""C++ kernels for decode-sized products on CPUs without oneDNN bf16/fp16 GEMMs (AVX2).
+"""C++ kernels for the decode step on the CPU: products where oneDNN has no bf16/fp16 GEMM (AVX2), and
+one-query attention.
 
 ``lowp_linear.cpp``: bf16/fp16 linear layers. There PyTorch multiplies bf16 matrices with a generic kernel
 at about 16-20 GFLOP/s on 2 cores whatever the number of rows, so a batch of 8 rows costs 8 single rows.
@@ -12,9 +13,13 @@ kernel with int8 weights is :func:`int8_linear`, the product of ``torch._weight_
 AVX2 CPU, the product of ``torch._weight_int4pack_mm_for_cpu`` (for bf16 rows from inputs rounded to int16
 per group, each within 1/65534 of its group's largest, which lets ``vpmaddwd`` multiply two steps at once).
 
-Both libraries are linked against libtorch and register themselves as the CPU kernels of the ops
-``torchvlm::lowp_linear``, ``torchvlm::int8_linear`` and ``torchvlm::int4_linear``, so compiled graphs call
-them without Python (for the compiled SmolLM2-135M bf16 step that was ~1.1 ms of ~17 a token, against
+``decode_attention.cpp``: the attention of one query per row and head over a bf16/fp16 KV cache, in float32
+(:func:`decode_attention`; :func:`torchvlm.nn.attention.attention` calls it for decode steps on any CPU):
+PyTorch's SDPA spends most of such a step in per-head overheads and float32 copies of the cache.
+
+The libraries are linked against libtorch and register themselves as the CPU kernels of the ops
+``torchvlm::lowp_linear``, ``torchvlm::int8_linear``, ``torchvlm::int4_linear`` and
+``torchvlm::decode_attention``, so compiled graphs call them without Python (for the compiled SmolLM2-135M bf16 step that was ~1.1 ms of ~17 a token, against
 Python kernels calling the same C++). The Python functions below check the operands and call the ops.
 
 PyTorch's int8/int4 ops are slow on AVX2 (the kernels: ~1.5-1.8x at one row, docs/quantization.md);
@@ -23,8 +28,8 @@ PyTorch's int8/int4 ops are slow on AVX2 (the kernels: ~1.5-1.8x at one row, doc
 :func:`torchvlm.nn.fast.pack_linears` and quantization make happen at load time: ~15 s each, then cached on
 disk by Inductor. That toolchain is a private PyTorch API: if a build fails (no C++ compiler, another
 PyTorch version, no AVX2 for the int4 kernel), a warning says why and the PyTorch op is used
-(``F.linear``, ``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``); ``TORCHVLM_CPU_KERNEL=0`` in the
-environment turns all three kernels off the same way (for A/B timing). Inference only: with autograd
+(``F.linear``, ``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``, SDPA); ``TORCHVLM_CPU_KERNEL=0`` in
+the environment turns all the kernels off the same way (for A/B timing). Inference only: with autograd
 recording, :func:`lowp_linear` is ``F.linear``.
 """
 

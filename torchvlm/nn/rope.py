@@ -59,25 +59,6 @@ def inv_freq(
     return base
 
 
-def static_inv_freq(dim: int, theta: float, scaling: dict | None, device: torch.device | str | None = None) -> Tensor:
-    """:func:`inv_freq` for rules that do not depend on the sequence length (all but ``dynamic``). In eager
-    mode the same; under ``torch.compile`` a constant of the graph, not ``pow`` computed each step (Inductor
-    otherwise folds that into every layer's rope kernel: the compiled SmolLM2-135M int4 step took ~5% longer)."""
-    items = None if scaling is None else tuple(sorted((k, _frozen(v)) for k, v in scaling.items()))
-    return _constant_inv_freq(dim, theta, items, device)
-
-
-def _frozen(v):
-    return tuple(_frozen(x) for x in v) if isinstance(v, (list, tuple)) else v
-
-
-@torch.compiler.assume_constant_result
-def _constant_inv_freq(dim: int, theta: float, scaling_items: tuple | None, device) -> Tensor:
-    # hashable arguments only: Dynamo cannot pass a dict to an assume_constant_result function when it
-    # recompiles the same code for another config
-    return inv_freq(dim, theta, None if scaling_items is None else dict(scaling_items), device=device)
-
-
 def _llama3(base: Tensor, s: dict) -> Tensor:
     factor = float(s["factor"])
     low, high = float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))

@@ -18,8 +18,7 @@ from ..nn.attention import attention, build_mask
 from ..nn.kv_cache import KVCache
 from ..nn.mlp import GatedMLP
 from ..nn.norm import RMSNorm
-from ..nn.rope import (apply_rope, check_rope_scaling, inv_freq, mrope_components, rope_cos_sin, rope_tables,
-                       static_inv_freq)
+from ..nn.rope import apply_rope, check_rope_scaling, inv_freq, mrope_components, rope_cos_sin, rope_tables
 
 
 @dataclass
@@ -134,6 +133,17 @@ class TextModel(nn.Module):
             e = e * torch.tensor(self.cfg.hidden_size**0.5, dtype=e.dtype, device=e.device)
         return e
 
+    def rope_freqs(self, positions: Tensor | None = None, device: torch.device | str | None = None) -> Tensor:
+        """The rope inverse frequencies ``[head_dim // 2]`` (float32) for a step at ``positions`` (only dynamic
+        NTK rope depends on them, at the cost of a host sync; others may pass ``device`` alone)."""
+        cfg = self.cfg
+        return inv_freq(
+            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
+            seq_len=int(positions.max()) + 1 if self.dynamic_rope else None,
+            max_position_embeddings=cfg.max_position_embeddings,
+            device=positions.device if positions is not None else device,
+        )
+
     def context(
         self,
         positions: Tensor,
@@ -145,16 +155,13 @@ class TextModel(nn.Module):
         key_valid: Tensor | None = None,
         prefix_len: Tensor | None = None,
         causal: bool = True,
+        rope_freqs: Tensor | None = None,
     ) -> StepContext:
         """Build the attention context of one step (rope tables and masks) from explicit inputs."""
         cfg = self.cfg
         b, t = positions.shape[:2]
         end = start + t if slots is None else kv_len
-        if self.dynamic_rope:  # only dynamic NTK depends on the length (and costs a host sync)
-            freqs = inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, seq_len=int(positions.max()) + 1,
-                             max_position_embeddings=cfg.max_position_embeddings, device=positions.device)
-        else:
-            freqs = static_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, positions.device)
+        freqs = rope_freqs if rope_freqs is not None and not self.dynamic_rope else self.rope_freqs(positions)
         components = None
         if positions.dim() == 3:
             if cfg.mrope_section is None:
@@ -192,6 +199,7 @@ class TextModel(nn.Module):
         causal: bool = True,
         layer_adds: tuple[Tensor, ...] | None = None,
         output_hidden_states: bool = False,
+        rope_freqs: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
         """Run the decoder.
 
@@ -211,6 +219,9 @@ class TextModel(nn.Module):
             layer_adds: ``[B, T, D]`` tensors added to the outputs of layers 0, 1, ... (Qwen3-VL's DeepStack
                 visual features, zero away from the image tokens).
             output_hidden_states: also return the input of every layer and the final normed output.
+            rope_freqs: :meth:`rope_freqs`, computed once by the caller for many steps (the compiled decode
+                step takes them as an input: computed inside it, Inductor folds their ``pow`` into every
+                layer's rope kernel). Ignored for dynamic NTK rope, whose frequencies change with the length.
 
         Returns:
             (final hidden states after the norm ``[B, T, D]``, tuple of hidden states or None)
@@ -219,7 +230,7 @@ class TextModel(nn.Module):
             raise ValueError("per-row slots need a cache, kv_len and a one-token step")
         ctx = self.context(
             positions, dtype=inputs_embeds.dtype, start=start, slots=slots, kv_len=kv_len, key_valid=key_valid,
-            prefix_len=prefix_len, causal=causal,
+            prefix_len=prefix_len, causal=causal, rope_freqs=rope_freqs,
         )
         h = inputs_embeds
         states = [] if output_hidden_states else None
