@@ -274,7 +274,7 @@ def test_int8_kernel_under_torch_compile():
 
 # ------------------------------------------------------------------------------ one-query attention kernel
 def _attention_operands(b, hq, hkv, length, d, dv, dtype, seed):
-    if not cpu_kernel.attention_kernel_available():
+    if not cpu_kernel.decode_kernels_available():
         pytest.skip("no C++ toolchain for Inductor on this machine")
     g = torch.Generator().manual_seed(seed)
     # k and v are views of the filled prefix of a longer cache, q a transposed [B, 1, Hq, D], as in a decode step
@@ -366,3 +366,48 @@ def test_decode_attention_op_names_operands_that_do_not_fit():
         torch.ops.torchvlm.decode_attention(q.float(), k, v, None, 0.2)
     with pytest.raises(RuntimeError, match="decode_attention: mask must be bool"):
         torch.ops.torchvlm.decode_attention(q, k, v, torch.ones(1, 1, 1, 9, dtype=torch.bool), 0.2)
+
+
+# ------------------------------------------------------------------------------------------ RMSNorm kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("unit_offset", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 576), (2, 7, 40), (3, 13)])
+def test_rms_norm_kernel_matches_rmsnorm(dtype, unit_offset, shape):
+    """The kernel computes RMSNorm's arithmetic (only its float32 sum of squares in another order): equal to
+    the PyTorch ops within one rounding of the output, and used by RMSNorm (a dispatch spy sees it)."""
+    from torchvlm.nn.norm import RMSNorm
+
+    if not cpu_kernel.decode_kernels_available():
+        pytest.skip("no C++ toolchain for Inductor on this machine")
+    g = torch.Generator().manual_seed(shape[-1] + unit_offset)
+    norm = RMSNorm(shape[-1], 1e-5, unit_offset=unit_offset)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=g) * 0.2 + (0.0 if unit_offset else 1.0))
+    norm = norm.to(dtype)
+    x = (torch.randn(*shape, generator=g) * 4).to(dtype)
+    with _OpSpy() as spy, torch.no_grad():
+        got = norm(x)
+    assert [c[0] for c in spy.calls] == ["rms_norm"]
+    ref = cpu_kernel._rms_norm_ops(x, norm.weight, 1e-5, unit_offset)
+    assert got.dtype == dtype and got.shape == x.shape
+    ulp = ref.double().abs().clamp_min(2.0**-6) * SPACING[dtype]
+    assert ((got.double() - ref.double()).abs() <= ulp * 1.01).all()
+
+
+def test_rms_norm_keeps_autograd_and_fp32_on_pytorch_ops():
+    from torchvlm.nn.norm import RMSNorm
+
+    norm = RMSNorm(16).bfloat16()
+    x = torch.randn(2, 16).bfloat16()
+    with _OpSpy() as spy:
+        norm(x).float().sum().backward()  # the weight needs a gradient
+        with torch.no_grad():
+            norm.float()(x.float())
+    assert not spy.calls and norm.weight.grad is not None
+
+
+def test_rms_norm_op_names_operands_that_do_not_fit():
+    if not cpu_kernel.decode_kernels_available():
+        pytest.skip("no C++ toolchain for Inductor on this machine")
+    with pytest.raises(RuntimeError, match="rms_norm: needs bf16/fp16 x"):
+        torch.ops.torchvlm.rms_norm(torch.randn(2, 8).bfloat16(), torch.ones(7).bfloat16(), 1e-6, False)

@@ -13,13 +13,16 @@ kernel with int8 weights is :func:`int8_linear`, the product of ``torch._weight_
 AVX2 CPU, the product of ``torch._weight_int4pack_mm_for_cpu`` (for bf16 rows from inputs rounded to int16
 per group, each within 1/65534 of its group's largest, which lets ``vpmaddwd`` multiply two steps at once).
 
-``decode_attention.cpp``: the attention of one query per row and head over a bf16/fp16 KV cache, in float32
-(:func:`decode_attention`; :func:`torchvlm.nn.attention.attention` calls it for decode steps on any CPU):
-PyTorch's SDPA spends most of such a step in per-head overheads and float32 copies of the cache.
+``decode_ops.cpp``: two ops of a bf16/fp16 decode step that PyTorch runs as per-head calls or many small
+ops, on any CPU. :func:`decode_attention`, the attention of one query per row and head over a KV cache in
+float32 (:func:`torchvlm.nn.attention.attention` calls it for decode steps: PyTorch's SDPA spends most of
+such a step in per-head overheads and float32 copies of the cache), and :func:`rms_norm`, RMSNorm in one
+pass per row (:class:`torchvlm.nn.norm.RMSNorm` calls it outside compiled graphs, where Inductor fuses it
+itself).
 
 The libraries are linked against libtorch and register themselves as the CPU kernels of the ops
 ``torchvlm::lowp_linear``, ``torchvlm::int8_linear``, ``torchvlm::int4_linear`` and
-``torchvlm::decode_attention``, so compiled graphs call them without Python (for the compiled SmolLM2-135M bf16 step that was ~1.1 ms of ~17 a token, against
+``torchvlm::decode_attention``/``rms_norm``, so compiled graphs call them without Python (for the compiled SmolLM2-135M bf16 step that was ~1.1 ms of ~17 a token, against
 Python kernels calling the same C++). The Python functions below check the operands and call the ops.
 
 PyTorch's int8/int4 ops are slow on AVX2 (the kernels: ~1.5-1.8x at one row, docs/quantization.md);
@@ -46,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["lowp_linear", "int8_linear", "int4_linear", "decode_attention", "kernel_available",
-           "int8_kernel_available", "int4_kernel_available", "attention_kernel_available", "records_grad"]
+           "int8_kernel_available", "int4_kernel_available", "decode_kernels_available", "rms_norm", "records_grad"]
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # lowp_linear's weights and rows
 _INT8_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # int8_linear's rows
@@ -73,7 +76,7 @@ def _load(source: str) -> bool:
         return bool(getattr(library, f"torchvlm_{Path(source).stem}_loaded")())
     except Exception as e:  # noqa: BLE001 - any toolchain failure means: use the PyTorch op
         what = {"lowp_linear.cpp": "bf16/fp16 and int8 products", "int4_linear.cpp": "int4 products",
-                "decode_attention.cpp": "one-query bf16/fp16 attention"}[source]
+                "decode_ops.cpp": "one-query bf16/fp16 attention and RMSNorm"}[source]
         warnings.warn(f"torchvlm: the C++ kernel {source} could not be built ({type(e).__name__}: {e}); "
                       f"{what} use the PyTorch op (slower on this CPU)", RuntimeWarning, stacklevel=3)
         return False
@@ -89,9 +92,9 @@ def _int4_op() -> bool:
     return _load("int4_linear.cpp")
 
 
-def _attention_op() -> bool:
-    """Whether ``decode_attention.cpp`` is the CPU kernel of ``torchvlm::decode_attention``."""
-    return _load("decode_attention.cpp")
+def _decode_ops() -> bool:
+    """Whether ``decode_ops.cpp`` is the CPU kernel of ``torchvlm::decode_attention`` and ``torchvlm::rms_norm``."""
+    return _load("decode_ops.cpp")
 
 
 def kernel_available(dtype: torch.dtype = torch.bfloat16) -> bool:
@@ -109,9 +112,10 @@ def int4_kernel_available() -> bool:
     return _int4_op()
 
 
-def attention_kernel_available() -> bool:
-    """Whether the one-query attention kernel builds on this machine (builds it on the first call)."""
-    return _attention_op()
+def decode_kernels_available() -> bool:
+    """Whether the one-query attention and RMSNorm kernels build on this machine (builds them on the first
+    call)."""
+    return _decode_ops()
 
 
 def records_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> bool:
@@ -190,7 +194,7 @@ def int4_linear(x: Tensor, qweight: Tensor, group_size: int, scale_zeros: Tensor
 
 
 def _decode_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
-    # PyTorch's SDPA on float32 copies: the op's kernel where decode_attention.cpp is not built
+    # PyTorch's SDPA on float32 copies: the op's kernel where decode_ops.cpp is not built
     out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=scale,
                                          enable_gqa=q.shape[1] != k.shape[1])
     return out.to(q.dtype)
@@ -209,9 +213,37 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], sc
     """Attention of one query per row and head (``q [B, Hq, 1, D]``) over bf16/fp16 CPU keys and values
     ``[B, Hkv, L, D or Dv]`` (GQA when ``Hkv < Hq``), with an optional bool ``mask [B or 1, 1 or Hq, 1, L]``
     (True = may attend): ``softmax(scale * q k^T) v`` in float32, rounded once to ``q.dtype``. Through the
-    C++ kernel (``decode_attention.cpp``) where it builds, else PyTorch's SDPA on float32 copies; the two
+    C++ kernel (``decode_ops.cpp``) where it builds, else PyTorch's SDPA on float32 copies; the two
     agree within float32 summing order. No autograd. It is the op ``torchvlm::decode_attention``, opaque
     under ``torch.compile``. The caller checks the operands (:func:`torchvlm.nn.attention.attention`)."""
-    if torch.compiler.is_compiling() or _attention_op():
+    if torch.compiler.is_compiling() or _decode_ops():
         return torch.ops.torchvlm.decode_attention.default(q, k, v, mask, scale)
     return _decode_attention_sdpa(q, k, v, mask, scale)
+
+
+def _rms_norm_ops(x: Tensor, weight: Tensor, eps: float, unit_offset: bool) -> Tensor:
+    # torchvlm.nn.norm.RMSNorm's arithmetic in PyTorch ops: the op's kernel where decode_ops.cpp is not built
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        return (h * (1.0 + weight.float())).type_as(x)
+    return weight * h.to(x.dtype)
+
+
+_LIB.define("rms_norm(Tensor x, Tensor weight, float eps, bool unit_offset) -> Tensor")
+_LIB.impl("rms_norm", _rms_norm_ops, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("torchvlm::rms_norm")
+def _(x: Tensor, weight: Tensor, eps: float, unit_offset: bool) -> Tensor:
+    return torch.empty_like(x)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, unit_offset: bool = False) -> Tensor:
+    """:class:`torchvlm.nn.norm.RMSNorm`'s forward (``unit_offset``: Gemma's ``1 + w``) for bf16/fp16 CPU
+    ``x [..., D]`` and ``weight [D]`` of its dtype, through the C++ kernel (one pass per row, the same
+    arithmetic, only the float32 sum of squares summed in another order) where it builds, else in PyTorch
+    ops. No autograd. It is the op ``torchvlm::rms_norm``."""
+    if _decode_ops():
+        return torch.ops.torchvlm.rms_norm.default(x, weight, eps, unit_offset)
+    return _rms_norm_ops(x, weight, eps, unit_offset)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cpu_kernel import attention_kernel_available, kernel_available, lowp_linear, records_grad
+from .cpu_kernel import decode_kernels_available, kernel_available, lowp_linear, records_grad
 
 __all__ = ["PackedLinear", "UpcastLinear", "upcast_linear", "fuse_projections", "pack_linears",
            "optimize_for_inference", "can_pack"]
@@ -292,10 +292,10 @@ def optimize_for_inference(model: nn.Module, *, fuse: bool = True, pack: bool = 
 
 
 def build_decode_kernels(model: nn.Module) -> None:
-    """Build the one-query attention kernel now (load time, ~15 s once, then cached on disk) if ``model``
+    """Build the one-query attention and RMSNorm kernels now (load time, ~15 s once, then cached on disk) if ``model``
     decodes in bf16/fp16 on the CPU, rather than in its first decode step, or never in a compiled one (a
     compiled graph traced before the build calls the PyTorch fallback)."""
     p = next(model.parameters(), None)
     if p is not None and p.is_cpu and p.dtype in _PACK_DTYPES:
-        attention_kernel_available()
+        decode_kernels_available()
 

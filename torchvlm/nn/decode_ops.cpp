@@ -1,4 +1,6 @@
-// torchvlm::decode_attention(q, k, v, mask, scale) on the CPU: the attention of one query per row and head
+// CPU kernels of two ops of a bf16/fp16 decode step that PyTorch runs as many small ops or per-head calls:
+//
+// torchvlm::decode_attention(q, k, v, mask, scale): the attention of one query per row and head
 // over a KV cache in bf16/fp16, computed in float32, for the decode steps of torchvlm.nn.attention.attention:
 //   q [B, Hq, 1, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv] (Hq % Hkv == 0: query head h reads K/V head
 //   h / (Hq / Hkv)); mask: none, or bool [B or 1, 1 or Hq, 1, L], True where the query may attend.
@@ -11,8 +13,13 @@
 // the keys for each) and float32 copies of the cache cost ~50 us a layer for SmolLM2-135M's 9 heads over
 // ~100 keys, where the arithmetic is ~130 thousand multiply-adds.
 //
+// torchvlm::rms_norm(x, weight, eps, unit_offset): torchvlm.nn.norm.RMSNorm's forward for bf16/fp16 x [..., D]
+// and weight [D] in one pass per row, in the same arithmetic: h = float(x) * rsqrt(mean(float(x)^2) + eps),
+// then T(h) * w rounded to T, or with unit_offset T(h * (1 + float(w))). Only the float32 sum of squares is
+// summed in another order than PyTorch's mean. Eager PyTorch runs ~8 ops for it, ~40 us for one SmolLM2 row.
+//
 // torchvlm.nn.cpu_kernel builds this with PyTorch Inductor's C++ toolchain, linked against libtorch; it
-// registers the op's CPU kernel with the dispatcher, so a compiled graph calls it without Python.
+// registers the ops' CPU kernels with the dispatcher, so a compiled graph calls them without Python.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
@@ -159,7 +166,55 @@ static at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k,
     return out;
 }
 
-TORCH_LIBRARY_IMPL(torchvlm, CPU, m) { m.impl("decode_attention", &decode_attention_cpu); }
+template <typename T>
+static void rms_rows(const T* x, const T* w, T* y, int64_t R, int64_t D, float eps, bool unit_offset) {
+    at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, D)), [&](int64_t r0, int64_t r1) {
+        std::vector<float> h(D);
+        for (int64_t r = r0; r < r1; ++r) {
+            const T* xr = x + r * D;
+            widen(xr, h.data(), D);
+            fV s0(0), s1(0);
+            int64_t i = 0;
+            for (; i + 2 * fV::size() <= D; i += 2 * fV::size()) {
+                const fV a = fV::loadu(h.data() + i), b = fV::loadu(h.data() + i + fV::size());
+                s0 = at::vec::fmadd(a, a, s0);
+                s1 = at::vec::fmadd(b, b, s1);
+            }
+            float ss = at::vec::vec_reduce_all<float>(std::plus<fV>(), s0 + s1);
+            for (; i < D; ++i) ss += h[i] * h[i];
+            const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+            T* yr = y + r * D;
+            for (int64_t d = 0; d < D; ++d) {
+                const float v = h[d] * inv;
+                yr[d] = unit_offset ? static_cast<T>(v * (1.0f + static_cast<float>(w[d])))
+                                    : static_cast<T>(static_cast<float>(static_cast<T>(v)) * static_cast<float>(w[d]));
+            }
+        }
+    });
+}
+
+static at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps, bool unit_offset) {
+    const auto t = x.scalar_type();
+    TORCH_CHECK((t == at::kBFloat16 || t == at::kHalf) && weight.scalar_type() == t && weight.dim() == 1
+                    && x.dim() >= 1 && x.size(-1) == weight.size(0) && weight.is_contiguous(),
+                "torchvlm::rms_norm: needs bf16/fp16 x [..., D] and a contiguous weight [D] of its dtype, got x ", t,
+                " ", x.sizes(), " and weight ", weight.scalar_type(), " ", weight.sizes());
+    const at::Tensor xc = x.contiguous();
+    at::Tensor y = at::empty(x.sizes(), x.options());
+    const int64_t D = x.size(-1), R = D ? x.numel() / D : 0;
+    if (t == at::kBFloat16)
+        rms_rows<at::BFloat16>(xc.data_ptr<at::BFloat16>(), weight.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(),
+                               R, D, static_cast<float>(eps), unit_offset);
+    else
+        rms_rows<at::Half>(xc.data_ptr<at::Half>(), weight.data_ptr<at::Half>(), y.data_ptr<at::Half>(), R, D,
+                           static_cast<float>(eps), unit_offset);
+    return y;
+}
+
+TORCH_LIBRARY_IMPL(torchvlm, CPU, m) {
+    m.impl("decode_attention", &decode_attention_cpu);
+    m.impl("rms_norm", &rms_norm_cpu);
+}
 
 // torchvlm.nn.cpu_kernel checks that the library loaded by this symbol
-extern "C" int torchvlm_decode_attention_loaded() { return 1; }
+extern "C" int torchvlm_decode_ops_loaded() { return 1; }
