@@ -21,9 +21,10 @@ pass per row (:class:`torchvlm.nn.norm.RMSNorm` calls it outside compiled graphs
 itself).
 
 The libraries are linked against libtorch and register themselves as the CPU kernels of the ops
-``torchvlm::lowp_linear``, ``torchvlm::int8_linear``, ``torchvlm::int4_linear`` and
-``torchvlm::decode_attention``/``rms_norm``, so compiled graphs call them without Python (for the compiled SmolLM2-135M bf16 step that was ~1.1 ms of ~17 a token, against
-Python kernels calling the same C++). The Python functions below check the operands and call the ops.
+``torchvlm::lowp_linear``, ``int8_linear``, ``int4_linear``, ``decode_attention`` and ``rms_norm``, so
+compiled graphs call them without Python (for the compiled SmolLM2-135M bf16 step that was ~1.1 ms of ~17
+a token, against Python kernels calling the same C++). The Python functions below check the operands and
+call the ops.
 
 PyTorch's int8/int4 ops are slow on AVX2 (the kernels: ~1.5-1.8x at one row, docs/quantization.md);
 :mod:`torchvlm.nn.quant` calls these kernels there. They are built with PyTorch Inductor's C++ toolchain
@@ -49,7 +50,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["lowp_linear", "int8_linear", "int4_linear", "decode_attention", "kernel_available",
-           "int8_kernel_available", "int4_kernel_available", "decode_kernels_available", "rms_norm", "records_grad"]
+           "int8_kernel_available", "int4_kernel_available", "decode_kernels_available", "rms_norm",
+           "rms_norm_reference", "records_grad"]
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # lowp_linear's weights and rows
 _INT8_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # int8_linear's rows
@@ -221,8 +223,9 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], sc
     return _decode_attention_sdpa(q, k, v, mask, scale)
 
 
-def _rms_norm_ops(x: Tensor, weight: Tensor, eps: float, unit_offset: bool) -> Tensor:
-    # torchvlm.nn.norm.RMSNorm's arithmetic in PyTorch ops: the op's kernel where decode_ops.cpp is not built
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float, unit_offset: bool = False) -> Tensor:
+    """:class:`torchvlm.nn.norm.RMSNorm`'s arithmetic in PyTorch ops (differentiable; the op's kernel where
+    ``decode_ops.cpp`` is not built)."""
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     if unit_offset:
@@ -231,7 +234,7 @@ def _rms_norm_ops(x: Tensor, weight: Tensor, eps: float, unit_offset: bool) -> T
 
 
 _LIB.define("rms_norm(Tensor x, Tensor weight, float eps, bool unit_offset) -> Tensor")
-_LIB.impl("rms_norm", _rms_norm_ops, "CompositeExplicitAutograd")
+_LIB.impl("rms_norm", rms_norm_reference, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("torchvlm::rms_norm")
@@ -246,4 +249,4 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, unit_offset: bool = False) -
     ops. No autograd. It is the op ``torchvlm::rms_norm``."""
     if _decode_ops():
         return torch.ops.torchvlm.rms_norm.default(x, weight, eps, unit_offset)
-    return _rms_norm_ops(x, weight, eps, unit_offset)
+    return rms_norm_reference(x, weight, eps, unit_offset)
