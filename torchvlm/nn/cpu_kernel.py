@@ -243,10 +243,12 @@ def _(x: Tensor, weight: Tensor, eps: float, unit_offset: bool) -> Tensor:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, unit_offset: bool = False) -> Tensor:
-    """:class:`torchvlm.nn.norm.RMSNorm`'s forward (``unit_offset``: Gemma's ``1 + w``) for bf16/fp16 CPU
-    ``x [..., D]`` and ``weight [D]`` of its dtype, through the C++ kernel (one pass per row, the same
-    arithmetic, only the float32 sum of squares summed in another order) where it builds, else in PyTorch
-    ops. No autograd. It is the op ``torchvlm::rms_norm``."""
-    if _decode_ops():
+    """:class:`torchvlm.nn.norm.RMSNorm`'s forward (``unit_offset``: Gemma's ``1 + w``). For bf16/fp16 CPU
+    ``x [..., D]`` and ``weight [D]`` of its dtype, outside compiled graphs (which fuse the PyTorch ops
+    themselves) and without autograd, it runs the C++ kernel where it builds (the op ``torchvlm::rms_norm``:
+    one pass per row, the same arithmetic, only the float32 sum of squares summed in another order);
+    everything else is :func:`rms_norm_reference`."""
+    if (x.dtype in _KERNEL_DTYPES and x.is_cpu and weight.dtype == x.dtype and not records_grad(x, weight)
+            and not torch.compiler.is_compiling() and _decode_ops()):
         return torch.ops.torchvlm.rms_norm.default(x, weight, eps, unit_offset)
     return rms_norm_reference(x, weight, eps, unit_offset)

@@ -25,7 +25,6 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -38,7 +37,7 @@
 
 using fV = at::vec::Vectorized<float>;
 
-// widen n (a multiple of fV::size()) values of p into float32 at o
+// widen n values of p into float32 at o
 template <typename T>
 static inline void widen(const T* p, float* o, int64_t n) {
     using tV = at::vec::Vectorized<T>;
