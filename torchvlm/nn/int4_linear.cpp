@@ -262,15 +262,16 @@ static void run(const uint8_t* qw, const T* x, const T* sz, T* y, int64_t M, int
     // the rows widened once, each group's input sum, and for the int16 form the rounded rows and their scales
     std::unique_ptr<float[]> xf(new float[M * K + M * ng + (I16 ? M * ng : 0)]);
     std::unique_ptr<int16_t[]> qx(I16 ? new int16_t[M * K] : nullptr);
-    Rows r{xf.get(), xf.get() + M * K, qx.get(), xf.get() + M * K + M * ng};
     float* xsum = xf.get() + M * K;
+    float* sx = xsum + M * ng;
+    Rows r{xf.get(), xsum, qx.get(), sx};
     for (int64_t m = 0; m < M; ++m) {
         for (int64_t g = 0; g < ng; ++g) {
             float s = 0.0f;
             for (int64_t k = g * G; k < (g + 1) * G; ++k) s += xf[m * K + k] = static_cast<float>(x[m * K + k]);
             xsum[m * ng + g] = s;
         }
-        if constexpr (I16) to_int16(xf.get() + m * K, qx.get() + m * K, xf.get() + M * K + M * ng + m * ng, K, G);
+        if constexpr (I16) to_int16(xf.get() + m * K, qx.get() + m * K, sx + m * ng, K, G);
     }
     const int64_t full = N / 32;
     at::parallel_for(0, full + (N % 32 ? 1 : 0), 1, [&](int64_t b0, int64_t b1) {
