@@ -36,17 +36,29 @@ class _OpSpy(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _panel_product(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    if not cpu_kernel.panel_kernel_available():
+        pytest.skip("the panel kernel is built for AVX2 CPUs only")
+    with _OpSpy() as spy:
+        out = cpu_kernel.panel_linear(x, cpu_kernel.pack_panels(w), bias, w.shape[0])
+    assert [c[0] for c in spy.calls] == ["panel_linear"]  # the C++ kernel, not the F.linear fallback
+    return out
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 9])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 9, 10])
 @pytest.mark.parametrize("n,k,with_bias", [(13, 40, True), (96, 64, True), (257, 33, True), (40, 117, True),
                                            (40, 117, False)])
-def test_kernel_rounds_the_exact_product_once(dtype, rows, n, k, with_bias):
+@pytest.mark.parametrize("product", [lowp_linear, _panel_product], ids=["row-major", "panels"])
+def test_kernel_rounds_the_exact_product_once(dtype, rows, n, k, with_bias, product):
+    """Both layouts' kernels: row blocks of 1, 2-3, 4+ rows (and the panel kernel's 6), partial panels
+    (N % 16), K left over after unrolled steps."""
     g = torch.Generator().manual_seed(rows * 1000 + n + k)
     w = torch.randn(n, k, generator=g).to(dtype)
     x = torch.randn(2, rows, k, generator=g).to(dtype)
     bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
     exact = F.linear(x.double(), w.double(), None if bias is None else bias.double())
-    got = lowp_linear(x, w, bias)
+    got = product(x, w, bias)
     assert got.dtype == dtype and got.shape == (2, rows, n)
     ulp = exact.abs().clamp_min(2.0**-6) * SPACING[dtype]
     assert ((got.double() - exact).abs() <= ulp * 0.5 + 1e-6).all()
@@ -92,13 +104,46 @@ def test_op_names_operands_that_do_not_fit():
             torch.ops.torchvlm.int8_linear(torch.randn(2, 32).bfloat16(), q, torch.ones(8))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_panel_layout_round_trips(dtype):
+    """pack_panels / unpack_panels: 16-row panels (a short last one padded with zeros), back to the same
+    weight, and any slice of whole panels unpacks to its rows (the float32 upcast of large products)."""
+    w = torch.randn(37, 5).to(dtype)
+    panels = cpu_kernel.pack_panels(w)
+    assert panels.shape == (3, 5, 16) and panels.dtype == dtype and panels.is_contiguous()
+    assert torch.equal(cpu_kernel.unpack_panels(panels, 37), w)
+    assert torch.equal(cpu_kernel.unpack_panels(panels[1:2], 16, torch.float32), w[16:32].float())
+    assert torch.equal(cpu_kernel.unpack_panels(panels, 48)[37:], torch.zeros(11, 5, dtype=dtype))
+
+
+def test_panel_op_falls_back_and_names_operands_that_do_not_fit(monkeypatch):
+    w, b = torch.randn(20, 32).bfloat16(), torch.randn(20).bfloat16()
+    x = torch.randn(3, 32).bfloat16()
+    panels = cpu_kernel.pack_panels(w)
+    monkeypatch.setattr(cpu_kernel, "panel_kernel_available", lambda: False)
+    with _OpSpy() as spy:  # no build: F.linear on the unpacked weight, exactly
+        assert torch.equal(cpu_kernel.panel_linear(x, panels, b, 20), F.linear(x, w, b))
+    assert not spy.calls
+    monkeypatch.undo()
+    if not cpu_kernel.panel_kernel_available():
+        return
+    with pytest.raises(RuntimeError, match="panel_linear: needs contiguous bf16/fp16 panels"):
+        torch.ops.torchvlm.panel_linear(x, panels, b, 33)  # 33 rows need 3 panels, not 2
+    with pytest.raises(RuntimeError, match="panel_linear: needs contiguous bf16/fp16 panels"):
+        torch.ops.torchvlm.panel_linear(x.float(), panels, b, 20)
+    with pytest.raises(RuntimeError, match="panel_linear: bias must be a contiguous \\[20\\]"):
+        torch.ops.torchvlm.panel_linear(x, panels, b[:19].contiguous(), 20)
+
+
 def test_kernel_under_torch_compile():
-    """In a compiled graph the kernel is the custom op torchvlm::lowp_linear: same result as eager."""
+    """In a compiled graph the kernels are the custom ops torchvlm::lowp_linear and panel_linear: same result
+    as eager."""
     w, b = torch.randn(24, 48).bfloat16(), torch.randn(24).bfloat16()
     x = torch.randn(1, 2, 48).bfloat16()
+    panels = cpu_kernel.pack_panels(w)
 
     def f(x):
-        return torch.relu(lowp_linear(x, w, b)) * 2
+        return torch.relu(lowp_linear(x, w, b)) * 2 + cpu_kernel.panel_linear(x, panels, b, 24)
 
     with torch.no_grad():
         compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x)

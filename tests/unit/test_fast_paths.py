@@ -3,7 +3,8 @@
 - fused q/k/v and gate/up projections (torchvlm.nn.fast.fuse_projections): equal logits in float32,
   HF names kept by state_dict / load_state_dict / save_pretrained, composes with int8/int4 quantization;
 - oneDNN-prepacked bf16 weights (pack_linears): bit-identical to F.linear; on CPUs without oneDNN bf16,
-  float32 products (UpcastLinear: a float32 GEMM for prefill, the C++ kernel for decode): within bf16 rounding;
+  float32 products (PanelLinear: the C++ panel kernel; UpcastLinear where it cannot be built: a float32 GEMM
+  for prefill, the row-major C++ kernel for decode): within bf16 rounding;
 - the float32 one-query attention path for bf16 (torchvlm.nn.attention) against float64;
 - the compiled decode step (generate(compile=True)): same greedy tokens and logits as eager.
 """
@@ -18,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchvlm.nn.attention import attention
-from torchvlm.nn import fast
+from torchvlm.nn import cpu_kernel, fast
 from torchvlm.nn.fast import (
     PackedLinear,
+    PanelLinear,
     UpcastLinear,
     can_pack,
     fuse_projections,
@@ -185,6 +187,34 @@ def test_upcast_linear_rounds_like_bf16():
     assert lin.weight.grad is not None and big.grad.shape == big.shape
 
 
+@pytest.mark.skipif(not cpu_kernel.panel_kernel_available(), reason="the panel kernel is built for AVX2 CPUs only")
+def test_panel_linear_rounds_like_bf16_and_keeps_the_linear_state_dict():
+    """PanelLinear: the panel kernel below UPCAST_WHOLE_ROWS rows, a float32 GEMM at or above it, both
+    within one bf16 rounding of the exact product; F.linear on the plain weight while autograd records (the
+    input gets its gradient); state_dict gives the plain weight back and load_state_dict re-lays one out."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 40).to(torch.bfloat16)
+    layer = PanelLinear(lin)
+    assert set(layer.state_dict()) == {"weight", "bias"} and torch.equal(layer.state_dict()["weight"], lin.weight)
+    assert torch.equal(layer.weight, lin.weight) and not list(layer.parameters())
+    for rows in (1, 7, fast.UPCAST_WHOLE_ROWS):
+        x = torch.randn(1, rows, 64, dtype=torch.bfloat16)
+        exact = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+        with torch.no_grad():
+            got = layer(x)
+        ulp = exact.abs().clamp_min(1e-2) * 2.0**-7
+        assert got.dtype == torch.bfloat16 and ((got.double() - exact).abs() <= ulp).all()
+    x = torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True)
+    layer(x).float().sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    other = nn.Linear(64, 40).to(torch.bfloat16)
+    layer.load_state_dict(other.state_dict())
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(layer.weight, other.weight)
+        torch.testing.assert_close(layer(x).float(), F.linear(x, other.weight, other.bias).float(), atol=0.05, rtol=0)
+
+
 def test_upcast_linear_upcasts_large_weights_in_blocks(monkeypatch):
     """Below UPCAST_WHOLE_ROWS rows the weight is upcast a block of rows at a time (last block short), which
     gives the whole upcast product's values, bias included; at UPCAST_WHOLE_ROWS rows it is upcast whole."""
@@ -203,15 +233,20 @@ def test_upcast_linear_upcasts_large_weights_in_blocks(monkeypatch):
         assert got.shape == (1, rows, 96) and torch.equal(got, want)
 
 
-def test_pack_linears_without_onednn_bf16_upcasts_prefill(ckpt, tmp_path, monkeypatch):
-    """Where oneDNN has no bf16 GEMM the optimized model's linears are UpcastLinear: logits within bf16
-    rounding of the plain model's, for prompts longer and shorter than UPCAST_MIN_ROWS and for a one-row step,
-    and checkpoints keep nn.Linear names."""
+@pytest.mark.parametrize("layout", [PanelLinear, UpcastLinear])
+def test_pack_linears_without_onednn_bf16(ckpt, tmp_path, monkeypatch, layout):
+    """Where oneDNN has no bf16 GEMM the optimized model's linears are PanelLinear (UpcastLinear where the
+    panel kernel cannot be built): logits within bf16 rounding of the plain model's, for prompts longer and
+    shorter than UPCAST_MIN_ROWS and for a one-row step, and checkpoints keep nn.Linear names."""
     monkeypatch.setattr(fast, "can_pack", lambda dtype=torch.bfloat16: False)
+    if layout is UpcastLinear:
+        monkeypatch.setattr(fast, "panel_kernel_available", lambda: False)
+    elif not cpu_kernel.panel_kernel_available():
+        pytest.skip("the panel kernel is built for AVX2 CPUs only")
     plain = VLM.from_pretrained(ckpt, dtype="bf16")
     fast_model = pack_linears(VLM.from_pretrained(ckpt, dtype="bf16"))
-    assert any(isinstance(m, UpcastLinear) for m in fast_model.modules())
-    assert not any(isinstance(m, PackedLinear) for m in fast_model.modules())
+    layers = [m for m in fast_model.modules() if isinstance(m, (PackedLinear, PanelLinear, UpcastLinear))]
+    assert layers and all(type(m) is layout for m in layers)
     lm = fast_model.language_model
     assert (lm.tied_head_linear is fast.upcast_linear) == (lm.lm_head is None)  # qwen2's head is tied
     assert plain.language_model.tied_head_linear is F.linear
@@ -228,7 +263,7 @@ def test_pack_linears_without_onednn_bf16_upcasts_prefill(ckpt, tmp_path, monkey
 
 def test_fp32_layers_are_not_packed(ckpt):
     model = pack_linears(VLM.from_pretrained(ckpt, dtype="fp32"))
-    assert not any(isinstance(m, (PackedLinear, UpcastLinear)) for m in model.modules())
+    assert not any(isinstance(m, (PackedLinear, PanelLinear, UpcastLinear)) for m in model.modules())
     optimize_for_inference(model)  # fusion still applies
     assert model.language_model.model.layers[0].self_attn.qkv_proj is not None
 

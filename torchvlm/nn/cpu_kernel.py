@@ -51,6 +51,7 @@ from torch import Tensor
 
 __all__ = ["lowp_linear", "int8_linear", "int4_linear", "decode_attention", "kernel_available",
            "int8_kernel_available", "int4_kernel_available", "decode_kernels_available", "rms_norm",
+           "panel_linear", "pack_panels", "unpack_panels", "panel_kernel_available",
            "rms_norm_reference", "records_grad"]
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # lowp_linear's weights and rows
@@ -62,11 +63,11 @@ def _enabled() -> bool:
 
 
 @functools.cache
-def _load(source: str) -> bool:
-    """Whether the C++ library ``source`` (next to this file) is built and loaded, i.e. registered as the
-    CPU kernel of its ops (builds it on the first call; False with one warning where it cannot be)."""
+def _load(source: str):
+    """The C++ library ``source`` (next to this file), built and loaded, i.e. registered as the CPU kernel of
+    its ops (builds it on the first call); None, with one warning, where it cannot be."""
     if not _enabled():
-        return False
+        return None
     try:
         from torch._inductor.codecache import CppCodeCache
 
@@ -75,28 +76,28 @@ def _load(source: str) -> bool:
             cpp_compile_command_flags = {"include_pytorch": True, "shared": True}
 
         library = _LinkedToTorch.load(Path(__file__).with_name(source).read_text())
-        return bool(getattr(library, f"torchvlm_{Path(source).stem}_loaded")())
+        return library if getattr(library, f"torchvlm_{Path(source).stem}_loaded")() else None
     except Exception as e:  # noqa: BLE001 - any toolchain failure means: use the PyTorch op
         what = {"lowp_linear.cpp": "bf16/fp16 and int8 products", "int4_linear.cpp": "int4 products",
                 "decode_ops.cpp": "one-query bf16/fp16 attention and RMSNorm"}[source]
         warnings.warn(f"torchvlm: the C++ kernel {source} could not be built ({type(e).__name__}: {e}); "
                       f"{what} use the PyTorch op (slower on this CPU)", RuntimeWarning, stacklevel=3)
-        return False
+        return None
 
 
 def _lowp_op() -> bool:
     """Whether ``lowp_linear.cpp`` is the CPU kernel of ``torchvlm::lowp_linear`` and ``torchvlm::int8_linear``."""
-    return _load("lowp_linear.cpp")
+    return _load("lowp_linear.cpp") is not None
 
 
 def _int4_op() -> bool:
     """Whether ``int4_linear.cpp`` is the CPU kernel of ``torchvlm::int4_linear``."""
-    return _load("int4_linear.cpp")
+    return _load("int4_linear.cpp") is not None
 
 
 def _decode_ops() -> bool:
     """Whether ``decode_ops.cpp`` is the CPU kernel of ``torchvlm::decode_attention`` and ``torchvlm::rms_norm``."""
-    return _load("decode_ops.cpp")
+    return _load("decode_ops.cpp") is not None
 
 
 def kernel_available(dtype: torch.dtype = torch.bfloat16) -> bool:
@@ -112,6 +113,13 @@ def int8_kernel_available(dtype: torch.dtype = torch.bfloat16) -> bool:
 def int4_kernel_available() -> bool:
     """Whether the int4 kernel builds on this machine (builds it on the first call)."""
     return _int4_op()
+
+
+def panel_kernel_available() -> bool:
+    """Whether the panel kernel (:func:`panel_linear`, AVX2 builds of ``lowp_linear.cpp``) builds on this
+    machine (builds it on the first call)."""
+    library = _load("lowp_linear.cpp")
+    return library is not None and bool(library.torchvlm_lowp_linear_panels())
 
 
 def decode_kernels_available() -> bool:
@@ -170,6 +178,56 @@ def int8_linear(x: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
             and (torch.compiler.is_compiling() or _lowp_op())):
         return torch.ops.torchvlm.int8_linear.default(x, qweight, scale)
     return torch._weight_int8pack_mm(x, qweight, scale)
+
+
+# The panel layout of a bf16/fp16 weight [N, K]: P = ceil(N / 16) panels [K, 16] of 16 output rows each (zeros
+# past N), one 16-weight vector per input index. bf16 vectors pair rows i and i + 8 in their 32-bit lane i (the
+# kernel widens both halves with a shift and a mask), fp16 vectors hold the rows in order.
+def pack_panels(weight: Tensor) -> Tensor:
+    """``weight [N, K]`` (bf16/fp16) in the panel layout of :func:`panel_linear`: ``[ceil(N / 16), K, 16]``."""
+    n, k = weight.shape
+    p = -(-n // 16)
+    w = weight.detach()
+    if p * 16 != n:
+        w = torch.cat([w, w.new_zeros(p * 16 - n, k)])
+    if weight.dtype == torch.bfloat16:  # [P, 2 (row i or i + 8), 8 (i), K] -> [P, K, 8, 2]
+        return w.view(p, 2, 8, k).permute(0, 3, 2, 1).reshape(p, k, 16).contiguous()
+    return w.view(p, 16, k).transpose(1, 2).contiguous()
+
+
+def unpack_panels(panels: Tensor, n: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The plain weight ``[n, K]`` (in ``dtype``, default the panels') of panels made by :func:`pack_panels`;
+    ``panels`` may be a slice of whole panels (then ``n`` counts its rows)."""
+    p, k, _ = panels.shape
+    if panels.dtype == torch.bfloat16:
+        rows = panels.view(p, k, 8, 2).permute(0, 3, 2, 1)
+    else:
+        rows = panels.transpose(1, 2)
+    return rows.reshape(p * 16, k)[:n].to(dtype or panels.dtype, memory_format=torch.contiguous_format)
+
+
+def _panel_linear_reference(x: Tensor, panels: Tensor, bias: Optional[Tensor], n: int) -> Tensor:
+    return F.linear(x, unpack_panels(panels, n), bias)
+
+
+_LIB.define("panel_linear(Tensor x, Tensor panels, Tensor? bias, int n) -> Tensor")
+_LIB.impl("panel_linear", _panel_linear_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("torchvlm::panel_linear")
+def _(x: Tensor, panels: Tensor, bias: Optional[Tensor], n: int) -> Tensor:
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def panel_linear(x: Tensor, panels: Tensor, bias: Optional[Tensor], n: int) -> Tensor:
+    """``F.linear(x, weight, bias)`` for a bf16/fp16 weight ``[n, K]`` kept as ``panels =
+    pack_panels(weight)``, through the C++ panel kernel (float32 accumulation, one rounding to ``x.dtype``,
+    as :func:`lowp_linear`) where it builds, else ``F.linear`` on the unpacked weight. ``x [..., K]`` and
+    ``bias [n]`` in the panels' dtype. No autograd. It is the op ``torchvlm::panel_linear``, opaque under
+    ``torch.compile``."""
+    if torch.compiler.is_compiling() or panel_kernel_available():
+        return torch.ops.torchvlm.panel_linear.default(x, panels, bias, n)
+    return _panel_linear_reference(x, panels, bias, n)
 
 
 # The op's kernel in C++ is int4_linear.cpp, registered for the CPU when it is loaded (_int4_op). This

@@ -15,9 +15,10 @@ changes what the model computes (tests/unit/test_fast_paths.py):
   products of a decode step as a plain ``F.linear`` (which re-lays the weight out on each call). Bit-identical
   results (same kernel). Inference only: the packed weight is no parameter (no gradient, ``model.to(dtype)``
   does not convert it); ``state_dict()`` unpacks it under the usual ``weight`` name. On CPUs without
-  oneDNN bf16/fp16 GEMMs (AVX2-only), the layers become :class:`UpcastLinear` instead, whose products run in
-  float32: prefill-sized ones as a float32 GEMM (5-8x faster there), decode-sized ones in a small C++ kernel
-  (:mod:`torchvlm.nn.cpu_kernel`); rounded as bf16 products are, not bit-identical.
+  oneDNN bf16/fp16 GEMMs (AVX2-only), the layers become :class:`PanelLinear` instead: the weight in panels of
+  16 output rows for a C++ kernel (:mod:`torchvlm.nn.cpu_kernel`) that multiplies in float32, prefill-sized
+  products too; rounded as bf16 products are, not bit-identical. Where that kernel cannot be built they
+  become :class:`UpcastLinear` (prefill-sized products as a float32 GEMM, 5-8x faster there than bf16).
 
 :func:`optimize_for_inference` applies both. docs/performance.md has the measurements.
 """
@@ -28,9 +29,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cpu_kernel import decode_kernels_available, kernel_available, lowp_linear, records_grad
+from .cpu_kernel import (
+    decode_kernels_available,
+    kernel_available,
+    lowp_linear,
+    pack_panels,
+    panel_kernel_available,
+    panel_linear,
+    records_grad,
+    unpack_panels,
+)
 
-__all__ = ["PackedLinear", "UpcastLinear", "upcast_linear", "fuse_projections", "pack_linears",
+__all__ = ["PackedLinear", "PanelLinear", "UpcastLinear", "upcast_linear", "fuse_projections", "pack_linears",
            "optimize_for_inference", "can_pack"]
 
 _PACK_DTYPES = (torch.bfloat16, torch.float16)
@@ -139,48 +149,102 @@ def can_pack(dtype: torch.dtype = torch.bfloat16) -> bool:
         return False
 
 
-class PackedLinear(nn.Module):
+class _RelaidLinear(nn.Module):
+    """An inference-only ``nn.Linear`` whose weight is kept in another layout: a non-persistent buffer
+    (``_layout_name``) that ``state_dict()`` gives back as the plain ``weight`` and ``load_state_dict``
+    re-lays out, so checkpoints keep the ``nn.Linear`` form. Subclasses say how (``_lay_out``, ``_plain``)."""
+
+    _layout_name = ""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer(self._layout_name, self._lay_out(linear.weight.detach()), persistent=False)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.register_state_dict_post_hook(_RelaidLinear._plain_hook)
+        self.register_load_state_dict_pre_hook(_RelaidLinear._lay_out_hook)
+
+    def _lay_out(self, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _plain(self) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(self, self._layout_name).dtype
+
+    @property
+    def weight(self) -> Tensor:
+        """The plain ``[out, in]`` weight (a copy: prefer calling the module)."""
+        return self._plain()
+
+    @staticmethod
+    def _plain_hook(module, state_dict, prefix, local_metadata):
+        state_dict[prefix + "weight"] = module._plain()
+
+    @staticmethod
+    def _lay_out_hook(module, state_dict, prefix, *args):
+        key = prefix + "weight"
+        if key in state_dict:
+            w = state_dict.pop(key).to(module.dtype).contiguous()
+            setattr(module, module._layout_name, module._lay_out(w))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               f"dtype={self.dtype}, layout={self._layout_name}"
+
+
+class PackedLinear(_RelaidLinear):
     """An ``nn.Linear`` (bf16/fp16, CPU) whose weight is kept in oneDNN's prepacked layout (inference only).
 
     The packed weight is a non-persistent buffer ``packed_weight``; ``state_dict()`` gives it back unpacked
     as ``weight`` (and ``load_state_dict`` repacks a ``weight``), so checkpoints keep the ``nn.Linear`` form.
     """
 
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        w = linear.weight.detach()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(w, 1), persistent=False)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self.register_state_dict_post_hook(PackedLinear._unpack_hook)
-        self.register_load_state_dict_pre_hook(PackedLinear._repack_hook)
+    _layout_name = "packed_weight"
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.packed_weight.dtype
+    def _lay_out(self, weight: Tensor) -> Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
 
-    @property
-    def weight(self) -> Tensor:
-        """The plain ``[out, in]`` weight (a copy: prefer calling the module)."""
+    def _plain(self) -> Tensor:
         return self.packed_weight.to_dense()
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
-    @staticmethod
-    def _unpack_hook(module, state_dict, prefix, local_metadata):
-        state_dict[prefix + "weight"] = module.packed_weight.to_dense()
 
-    @staticmethod
-    def _repack_hook(module, state_dict, prefix, *args):
-        key = prefix + "weight"
-        if key in state_dict:
-            w = state_dict.pop(key).to(module.dtype)
-            module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
+class PanelLinear(_RelaidLinear):
+    """An ``nn.Linear`` (bf16/fp16, CPU) whose weight is kept in panels of 16 output rows
+    (:func:`torchvlm.nn.cpu_kernel.pack_panels`) for the C++ panel kernel (inference only).
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
-               f"dtype={self.dtype}, layout=onednn-packed"
+    For AVX2 CPUs, where oneDNN has no bf16 GEMM (:func:`can_pack` False) and the kernel builds
+    (:func:`torchvlm.nn.cpu_kernel.panel_kernel_available`). Products of fewer than :data:`UPCAST_WHOLE_ROWS`
+    rows run in :func:`torchvlm.nn.cpu_kernel.panel_linear`: each 16-weight vector is widened to float32 once
+    and multiplied with several broadcast input values, the outer-product form of a GEMM micro-kernel. On 2
+    AVX2 cores it ran SmolLM2-135M's and Qwen2-1.5B's layers 1.04-1.1x faster than the row-major kernel
+    (:func:`torchvlm.nn.cpu_kernel.lowp_linear`) at one row, 1.4-2x at 4-48 rows, and faster than the float32
+    GEMM on upcast copies up to ~512 rows (docs/performance.md). Larger products (vision towers) run that
+    float32 GEMM. Each output is a float32 sum rounded once to the layer's dtype: equal to the bf16
+    ``F.linear`` within its rounding, not bit-identical. The panels are a non-persistent buffer ``panels``;
+    ``state_dict()`` gives the plain ``weight`` back. With autograd recording it multiplies as
+    ``F.linear`` on the plain weight (no gradient reaches the panels).
+    """
+
+    _layout_name = "panels"
+
+    def _lay_out(self, weight: Tensor) -> Tensor:
+        return pack_panels(weight)
+
+    def _plain(self) -> Tensor:
+        return unpack_panels(self.panels, self.out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // max(1, x.shape[-1])
+        if rows < UPCAST_WHOLE_ROWS and x.dtype == self.panels.dtype and not records_grad(x, self.panels, self.bias):
+            return panel_linear(x, self.panels, self.bias, self.out_features)
+        w = unpack_panels(self.panels, self.out_features, torch.float32)
+        return F.linear(x.float(), w, None if self.bias is None else self.bias.float()).to(x.dtype)
 
 
 class UpcastLinear(nn.Linear):
@@ -232,12 +296,14 @@ def pack_linears(model: nn.Module, *, include=None) -> nn.Module:
     """Give the bf16/fp16 CPU ``nn.Linear`` layers of ``model`` the fastest layout this CPU has (in place).
 
     Where :func:`can_pack` is True they become :class:`PackedLinear` (oneDNN-prepacked, bit-identical);
-    elsewhere :class:`UpcastLinear` (float32 products for prefill-sized inputs). ``include(name, linear) ->
+    elsewhere :class:`PanelLinear` (float32 products in the C++ panel kernel), or :class:`UpcastLinear` where
+    that kernel cannot be built (float32 GEMMs for prefill-sized inputs). ``include(name, linear) ->
     bool`` picks layers by dotted name (default: every such layer, the vision tower's too: Qwen2-VL-2B's
     1024-patch image encode took 2.83 -> 2.53 s with its linears packed). float32 layers are left alone:
     oneDNN's packed float32 product rounds differently from ``F.linear`` (MKL) and was not faster for one
     row (docs/performance.md). Without ``include``, a tied LM head (no ``nn.Linear``: the embedding matrix)
-    gets :func:`upcast_linear` as its product where the layers become :class:`UpcastLinear`.
+    gets :func:`upcast_linear` as its product where oneDNN has no bf16 GEMM (it stays row-major: it is the
+    token embedding too).
     """
     from ..text.decoder import CausalLM
 
@@ -247,12 +313,17 @@ def pack_linears(model: nn.Module, *, include=None) -> nn.Module:
     packs: dict[torch.dtype, bool] = {}
 
     def packable(dtype: torch.dtype) -> bool:
-        """can_pack, asked once per dtype; where it is False the decode kernel is built now (load time)."""
+        """can_pack, asked once per dtype; where it is False the decode kernels are built now (load time)."""
         if dtype not in packs:
             packs[dtype] = can_pack(dtype)
             if not packs[dtype]:
                 kernel_available(dtype)
         return packs[dtype]
+
+    def relaid(linear: nn.Linear) -> nn.Module:
+        if packable(linear.weight.dtype):
+            return PackedLinear(linear)
+        return PanelLinear(linear) if panel_kernel_available() else UpcastLinear.from_linear(linear)
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for child_name, child in list(parent._modules.items()):
@@ -262,8 +333,7 @@ def pack_linears(model: nn.Module, *, include=None) -> nn.Module:
             if type(child) is nn.Linear:
                 w = child.weight
                 if w.is_cpu and w.dtype in _PACK_DTYPES and include(name, child):
-                    setattr(parent, child_name,
-                            PackedLinear(child) if packable(w.dtype) else UpcastLinear.from_linear(child))
+                    setattr(parent, child_name, relaid(child))
             else:
                 visit(child, name + ".")
 

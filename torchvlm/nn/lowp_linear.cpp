@@ -25,11 +25,13 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <optional>
 #include <type_traits>
+#include <vector>
 #if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #endif
@@ -85,14 +87,18 @@ template <typename T, typename W, int MR, int U>
 static inline void tile(const W* w, const float* x, float b, T* y, int64_t K, int64_t N) {
     const int64_t Ku = K - K % (S * U), Ks = K - K % S;
     fV acc[U][MR][2];
+    #pragma GCC unroll 16
     for (int u = 0; u < U; ++u)
+        #pragma GCC unroll 16
         for (int i = 0; i < MR; ++i) acc[u][i][0] = acc[u][i][1] = fV(0);
     for (int64_t k = 0; k < Ku; k += S * U) {
         for (int64_t c = 0; c < S * U * static_cast<int64_t>(sizeof(W)); c += 64)  // a cache line at a time
             __builtin_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetch + c, 0, 3);
+        #pragma GCC unroll 16
         for (int u = 0; u < U; ++u) {
             fV wa, wb;
             widen(w + k + u * S, wa, wb);
+            #pragma GCC unroll 16
             for (int i = 0; i < MR; ++i) {
                 acc[u][i][0] = at::vec::fmadd(wa, fV::loadu(x + i * K + k + u * S), acc[u][i][0]);
                 acc[u][i][1] = at::vec::fmadd(wb, fV::loadu(x + i * K + k + u * S + H), acc[u][i][1]);
@@ -102,13 +108,16 @@ static inline void tile(const W* w, const float* x, float b, T* y, int64_t K, in
     for (int64_t k = Ku; k < Ks; k += S) {  // whole steps left over from the unrolled loop
         fV wa, wb;
         widen(w + k, wa, wb);
+        #pragma GCC unroll 16
         for (int i = 0; i < MR; ++i) {
             acc[0][i][0] = at::vec::fmadd(wa, fV::loadu(x + i * K + k), acc[0][i][0]);
             acc[0][i][1] = at::vec::fmadd(wb, fV::loadu(x + i * K + k + H), acc[0][i][1]);
         }
     }
+    #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
         fV t = acc[0][i][0] + acc[0][i][1];
+        #pragma GCC unroll 16
         for (int u = 1; u < U; ++u) t = t + acc[u][i][0] + acc[u][i][1];
         float s = at::vec::vec_reduce_all<float>(std::plus<fV>(), t);
         for (int64_t k = Ks; k < K; ++k) s += x[i * K + k] * static_cast<float>(w[k]);  // the K % S tail
@@ -162,6 +171,134 @@ static void check_vector(const at::Tensor& v, const char* name, const at::Tensor
                 x.scalar_type(), ", got ", v.scalar_type(), " ", v.sizes());
 }
 
+// ---- panel layout (AVX2): y = x @ weight^T + bias for a bf16/fp16 weight kept as panels [P, K, 16], P = ceil(N / 16):
+// panel p holds output rows 16p..16p+15 (zeros past N), one 16-weight vector per input index k. For bf16 the
+// 32-bit pair i of a vector holds rows i (low half) and i + 8 (high half), so that a shift and a mask widen
+// rows 0-7 and 8-15 into two float32 vectors; fp16 vectors hold the rows in order (F16C widens them).
+// torchvlm.nn.fast.pack_panels / unpack_panels make and undo the layout.
+//
+// The outer-product form of a GEMM micro-kernel: each widened weight vector is multiplied with fused
+// multiply-adds against MR broadcast input values (one per row), so a product needs no horizontal sums and
+// widens each weight vector once per MR rows; a panel (16 K-long rows: 18 KB for K = 576) stays in L1/L2
+// for the next MR rows. Threads split the panels; each reads its panels one after the other.
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+constexpr bool kPanels = true;
+static inline void widen16(const at::BFloat16* p, __m256& a, __m256& b) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    a = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    b = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+static inline void widen16(const at::Half* p, __m256& a, __m256& b) {
+    a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    b = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+}
+
+// rows x [MR, K] (float32, row stride K) against one panel w [K, 16], U steps unrolled: y[i * N + j] for
+// i < MR, j < nj (the panel's rows that exist); bias b[j] or nullptr
+template <typename T, int MR, int U>
+static inline void panel_tile(const T* w, const float* x, const T* b, T* y, int64_t K, int64_t N, int64_t nj) {
+    __m256 acc[U][MR][2];
+    #pragma GCC unroll 16
+    for (int u = 0; u < U; ++u)
+        #pragma GCC unroll 16
+        for (int i = 0; i < MR; ++i) acc[u][i][0] = acc[u][i][1] = _mm256_setzero_ps();
+    const int64_t Ku = K - K % U;
+    for (int64_t k = 0; k < Ku; k += U) {
+        #pragma GCC unroll 16
+        for (int u = 0; u < U; u += 2)  // a 64-byte cache line per two steps
+            __builtin_prefetch(reinterpret_cast<const char*>(w + 16 * (k + u)) + kPrefetch, 0, 3);
+        #pragma GCC unroll 16
+        for (int u = 0; u < U; ++u) {
+            __m256 wa, wb;
+            widen16(w + 16 * (k + u), wa, wb);
+            #pragma GCC unroll 16
+            for (int i = 0; i < MR; ++i) {
+                const __m256 xv = _mm256_broadcast_ss(x + i * K + k + u);
+                acc[u][i][0] = _mm256_fmadd_ps(wa, xv, acc[u][i][0]);
+                acc[u][i][1] = _mm256_fmadd_ps(wb, xv, acc[u][i][1]);
+            }
+        }
+    }
+    for (int64_t k = Ku; k < K; ++k) {  // the K % U tail
+        __m256 wa, wb;
+        widen16(w + 16 * k, wa, wb);
+        #pragma GCC unroll 16
+        for (int i = 0; i < MR; ++i) {
+            const __m256 xv = _mm256_broadcast_ss(x + i * K + k);
+            acc[0][i][0] = _mm256_fmadd_ps(wa, xv, acc[0][i][0]);
+            acc[0][i][1] = _mm256_fmadd_ps(wb, xv, acc[0][i][1]);
+        }
+    }
+    alignas(32) float s[16];
+    #pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+        __m256 lo = acc[0][i][0], hi = acc[0][i][1];
+        #pragma GCC unroll 16
+        for (int u = 1; u < U; ++u) {
+            lo = _mm256_add_ps(lo, acc[u][i][0]);
+            hi = _mm256_add_ps(hi, acc[u][i][1]);
+        }
+        _mm256_store_ps(s, lo);
+        _mm256_store_ps(s + 8, hi);
+        for (int64_t j = 0; j < nj; ++j) y[i * N + j] = static_cast<T>(b ? s[j] + static_cast<float>(b[j]) : s[j]);
+    }
+}
+
+template <typename T>
+static void run_panels(const T* w, const T* x, const T* bias, T* y, int64_t M, int64_t N, int64_t K) {
+    std::unique_ptr<float[]> xf(new float[M * K]);
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(x[i]);
+    const float* xs = xf.get();
+    const int64_t P = (N + 15) / 16;
+    at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+            const T* wp = w + p * K * 16;
+            const T* b = bias ? bias + 16 * p : nullptr;
+            const int64_t nj = std::min<int64_t>(16, N - 16 * p);
+            T* yp = y + 16 * p;
+            int64_t m = 0;
+            for (; m + 6 <= M; m += 6) panel_tile<T, 6, 1>(wp, xs + m * K, b, yp + m * N, K, N, nj);
+            if (m + 4 <= M) {
+                panel_tile<T, 4, 1>(wp, xs + m * K, b, yp + m * N, K, N, nj);
+                m += 4;
+            }
+            if (m + 2 <= M) {
+                panel_tile<T, 2, 2>(wp, xs + m * K, b, yp + m * N, K, N, nj);
+                m += 2;
+            }
+            if (m < M) panel_tile<T, 1, 4>(wp, xs + m * K, b, yp + m * N, K, N, nj);
+        }
+    });
+}
+
+static at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
+                                   int64_t N) {
+    const auto t = panels.scalar_type();
+    TORCH_CHECK((t == at::kBFloat16 || t == at::kHalf) && x.scalar_type() == t && panels.dim() == 3
+                    && panels.size(2) == 16 && panels.is_contiguous() && N > 0 && panels.size(0) == (N + 15) / 16
+                    && x.dim() >= 1 && x.size(-1) == panels.size(1),
+                "torchvlm::panel_linear: needs contiguous bf16/fp16 panels [ceil(N / 16), K, 16] and rows [..., K] "
+                "of their dtype, got panels ", t, " ", panels.sizes(), " for N = ", N, " and rows ", x.scalar_type(),
+                " ", x.sizes());
+    const int64_t K = panels.size(1);
+    const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
+    if (b) check_vector(*b, "bias", x, N, "torchvlm::panel_linear");
+    const at::Tensor rows = x.reshape({-1, K}).contiguous();
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = N;
+    at::Tensor y = at::empty(shape, x.options());
+    if (t == at::kBFloat16)
+        run_panels<at::BFloat16>(panels.data_ptr<at::BFloat16>(), rows.data_ptr<at::BFloat16>(),
+                                 b ? b->data_ptr<at::BFloat16>() : nullptr, y.data_ptr<at::BFloat16>(), rows.size(0), N, K);
+    else
+        run_panels<at::Half>(panels.data_ptr<at::Half>(), rows.data_ptr<at::Half>(),
+                             b ? b->data_ptr<at::Half>() : nullptr, y.data_ptr<at::Half>(), rows.size(0), N, K);
+    return y;
+}
+#else
+constexpr bool kPanels = false;  // the panel kernel is AVX2 code; elsewhere torchvlm.nn.fast keeps UpcastLinear
+#endif
+
 static at::Tensor lowp_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias) {
     const auto t = weight.scalar_type();
@@ -204,7 +341,12 @@ static at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight
 TORCH_LIBRARY_IMPL(torchvlm, CPU, m) {
     m.impl("lowp_linear", &lowp_linear_cpu);
     m.impl("int8_linear", &int8_linear_cpu);
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+    m.impl("panel_linear", &panel_linear_cpu);
+#endif
 }
 
 // torchvlm.nn.cpu_kernel checks that the library loaded by this symbol
 extern "C" int torchvlm_lowp_linear_loaded() { return 1; }
+// and whether it has the panel kernel (torchvlm::panel_linear's CPU kernel; AVX2 builds only)
+extern "C" int torchvlm_lowp_linear_panels() { return kPanels ? 1 : 0; }
