@@ -1,18 +1,19 @@
-"""The C++ bf16 decode kernel (torchvlm.nn.cpu_kernel) against PyTorch's bf16 F.linear, side by side; with
---quantized also the int8 and int4 kernels against PyTorch's int8 / int4 ops.
+"""The C++ bf16 kernels (torchvlm.nn.cpu_kernel: row-major and, on AVX2, panels) against PyTorch's bf16
+F.linear, side by side; with --quantized also the int8 and int4 kernels against PyTorch's int8 / int4 ops.
 
     python benchmarks/bench_cpu_kernel.py                 # products, then SmolLM2-135M decode (GGUF wheel)
     python benchmarks/bench_cpu_kernel.py --skip-model    # products only
     python benchmarks/bench_cpu_kernel.py --skip-model --quantized
 
-On CPUs without oneDNN bf16 GEMMs (AVX2) the inference layout's UpcastLinear runs decode-sized products in
-the kernel. This measures, in one process and interleaved (best of --repeats each, so that a noisy machine
-hurts both sides alike):
+On CPUs without oneDNN bf16 GEMMs (AVX2) the inference layout's PanelLinear runs products in the panel
+kernel (UpcastLinear, where that is not built, decode-sized ones in the row-major kernel). This measures, in
+one process and interleaved (best of --repeats each, so that a noisy machine hurts every side alike):
 
 1. products of one model's layer shapes, the weights of --layers layers streamed from memory as in a decode
-   step (not one matrix again and again, which a large L3 cache would flatter), for 1, 2, 4 and 8 rows;
-2. whole-model decode of the same loaded model with the kernel on and off: batch 1 (generate) and 8
-   concurrent requests through the continuous-batching Engine.
+   step (not one matrix again and again, which a large L3 cache would flatter), for 1, 2, 4, 8 and 32 rows;
+2. whole-model decode of the same model in each layout (UpcastLinear with F.linear, UpcastLinear with the
+   row-major kernel, PanelLinear): batch 1 (generate) and 8 concurrent requests through the
+   continuous-batching Engine.
 
 Not a test: nothing is asserted. docs/performance.md quotes its output.
 """
@@ -43,33 +44,44 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
-def _compare(items, in_features, base, kernel, mb: float, repeats: int, labels: tuple[str, str]) -> None:
-    """``base(x, item)`` against ``kernel(x, item)`` over all ``items`` (x of ``in_features(item)`` columns)
-    for 1, 2, 4 and 8 rows, interleaved."""
+def _compare(items, in_features, variants, mb: float, repeats: int) -> None:
+    """Each of ``variants`` (label, ``fn(x, item)``) over all ``items`` (x of ``in_features(item)`` columns)
+    for 1, 2, 4, 8 and 32 rows, interleaved; speed-ups against the first variant."""
     g = torch.Generator().manual_seed(1)
-    wa, wb = len(labels[0]) + 3, len(labels[1]) + 3
-    print(f"{'rows':>4}  {labels[0] + ' ms':>{wa}}  {labels[1] + ' ms':>{wb}}  {'kernel GB/s':>11}  {'speed-up':>8}")
-    for rows in (1, 2, 4, 8):
+    widths = [len(label) + 3 for label, _ in variants]
+    head = "  ".join(f"{label + ' ms':>{w}}" for (label, _), w in zip(variants, widths))
+    ups = "  ".join(f"{label + ' x':>{max(9, len(label) + 2)}}" for label, _ in variants[1:])
+    print(f"{'rows':>4}  {head}  {'GB/s (last)':>11}  {ups}")
+    for rows in (1, 2, 4, 8, 32):
         xs = {k: torch.randn(rows, k, generator=g).bfloat16() for k in {in_features(it) for it in items}}
 
         def run(f):
             return lambda: [f(xs[in_features(it)], it) for it in items]
 
         with torch.inference_mode():
-            a = b = float("inf")
+            best = [float("inf")] * len(variants)
             for _ in range(2):  # interleaved
-                a = min(a, _best(run(base), repeats))
-                b = min(b, _best(run(kernel), repeats))
-        print(f"{rows:>4}  {a * 1e3:>{wa}.1f}  {b * 1e3:>{wb}.1f}  {mb / 1e3 / b:>11.1f}  {a / b:>7.2f}x")
+                for i, (_, fn) in enumerate(variants):
+                    best[i] = min(best[i], _best(run(fn), repeats))
+        times = "  ".join(f"{t * 1e3:>{w}.1f}" for t, w in zip(best, widths))
+        speedups = "  ".join(f"{best[0] / t:>{max(9, len(label) + 2) - 1}.2f}x"
+                             for t, (label, _) in zip(best[1:], variants[1:]))
+        print(f"{rows:>4}  {times}  {mb / 1e3 / best[-1]:>11.1f}  {speedups}")
 
 
 def products(shapes: str, layers: int, repeats: int) -> None:
+    """F.linear against the row-major kernel (torchvlm::lowp_linear) and, where it is built (AVX2), the
+    panel kernel (torchvlm::panel_linear, PanelLinear's layout) on the same weights."""
     g = torch.Generator().manual_seed(0)
     weights = [(torch.randn(n, k, generator=g) * 0.02).bfloat16() for _ in range(layers) for n, k in SHAPES[shapes]]
     mb = sum(w.numel() * 2 for w in weights) / 1e6
     print(f"\nproducts: {shapes} layer shapes x {layers} layers ({mb:.0f} MB of bf16 weights), best of {repeats}")
-    _compare(weights, lambda w: w.shape[1], lambda x, w: F.linear(x, w), lambda x, w: cpu_kernel.lowp_linear(x, w),
-             mb, repeats, ("F.linear", "kernel"))
+    items = [(w, cpu_kernel.pack_panels(w)) for w in weights]
+    variants = [("F.linear", lambda x, it: F.linear(x, it[0])),
+                ("row-major", lambda x, it: cpu_kernel.lowp_linear(x, it[0]))]
+    if cpu_kernel.panel_kernel_available():
+        variants.append(("panels", lambda x, it: cpu_kernel.panel_linear(x, it[1], None, it[0].shape[0])))
+    _compare(items, lambda it: it[0].shape[1], variants, mb, repeats)
 
 
 def quantized_products(shapes: str, layers: int, repeats: int) -> None:
@@ -98,7 +110,7 @@ def quantized_products(shapes: str, layers: int, repeats: int) -> None:
         mb = sum(nbytes(q) for q in qs) / 1e6
         print(f"\n{mode} products: {shapes} layer shapes x {layers} layers ({mb:.0f} MB of codes and scales), "
               f"best of {repeats}")
-        _compare(qs, lambda q: q.in_features, torch_op, kernel, mb, repeats, ("PyTorch op", "kernel"))
+        _compare(qs, lambda q: q.in_features, [("PyTorch op", torch_op), ("kernel", kernel)], mb, repeats)
 
 
 def model_decode(model_id: str | None, new_tokens: int, repeats: int) -> None:
@@ -107,42 +119,53 @@ def model_decode(model_id: str | None, new_tokens: int, repeats: int) -> None:
     from torchvlm.generation.loop import generate
     from torchvlm.generation.sampling import SamplingParams
     from torchvlm.gguf import smollm2_gguf_path
+    from torchvlm.nn import fast
 
     from bench_engine import story_prompts  # benchmarks/ is on sys.path when this script runs
 
     model_id = model_id or smollm2_gguf_path()
-    model, processor = torchvlm.load(model_id, dtype="bf16", optimize=True)
+    # the same weights in the three layouts of an AVX2 CPU: UpcastLinear multiplying with F.linear, UpcastLinear
+    # with the row-major kernel, PanelLinear (where the panel kernel is built)
+    real_lowp, real_panels = fast.lowp_linear, fast.panel_kernel_available
+    fast.panel_kernel_available = lambda: False
+    try:
+        model, processor = torchvlm.load(model_id, dtype="bf16", optimize=True)
+    finally:
+        fast.panel_kernel_available = real_panels
+    layouts = [("F.linear", model, F.linear), ("row-major", model, real_lowp)]
+    if fast.can_pack(torch.bfloat16):
+        print("\nmodel: oneDNN has bf16 GEMMs on this CPU (PackedLinear), the kernels are not used; skipped")
+        return
+    if real_panels():
+        layouts.append(("panels", torchvlm.load(model_id, dtype="bf16", optimize=True)[0], real_lowp))
     prompts = story_prompts(processor, 8)
     params = SamplingParams(max_new_tokens=new_tokens)
     max_len = max(len(p) for p in prompts) + new_tokens + 1
 
-    def batch1():
+    def batch1(model):
         generate(model, prompts[0][None], params=params, ignore_eos=True)
 
-    def engine8():
+    def engine8(model):
         engine = Engine(model, max_batch_size=8, max_len=max_len, prefix_cache_tokens=0)
         for ids in prompts:
             engine.add_request(ids, params=params, ignore_eos=True)
         engine.run()
 
-    real_run = cpu_kernel._run
-    plain = lambda x, w, b: F.linear(x, w, b)  # noqa: E731
     times = {}
-    for _ in range(2):  # interleaved: kernel on, off, on, off
-        for label, run in (("kernel", real_run), ("F.linear", plain)):
-            cpu_kernel._run = run
+    for _ in range(2):  # interleaved
+        for label, m, lowp in layouts:
+            fast.lowp_linear = lowp
             try:
                 for name, fn in (("batch 1", batch1), ("8 requests", engine8)):
-                    t = _best(fn, repeats)
+                    t = _best(lambda: fn(m), repeats)
                     times[(name, label)] = min(times.get((name, label), float("inf")), t)
             finally:
-                cpu_kernel._run = real_run
+                fast.lowp_linear = real_lowp
     print(f"\nmodel: {model_id} (bf16, inference layout), {new_tokens} new tokens a request, prefill included, "
           f"best of {2 * repeats}")
-    print(f"{'workload':<11}  {'F.linear tok/s':>14}  {'kernel tok/s':>12}  {'speed-up':>8}")
+    print(f"{'workload':<11}  " + "  ".join(f"{label + ' tok/s':>16}" for label, _, _ in layouts))
     for name, n in (("batch 1", new_tokens), ("8 requests", 8 * new_tokens)):
-        a, b = times[(name, "F.linear")], times[(name, "kernel")]
-        print(f"{name:<11}  {n / a:>14.1f}  {n / b:>12.1f}  {a / b:>7.2f}x")
+        print(f"{name:<11}  " + "  ".join(f"{n / times[(name, label)]:>16.1f}" for label, _, _ in layouts))
 
 
 def main(argv=None) -> int:

@@ -115,6 +115,7 @@ def int4_kernel_available() -> bool:
     return _int4_op()
 
 
+@functools.cache  # asked on every panel product: no call into the library each time
 def panel_kernel_available() -> bool:
     """Whether the panel kernel (:func:`panel_linear`, AVX2 builds of ``lowp_linear.cpp``) builds on this
     machine (builds it on the first call)."""
@@ -219,6 +220,9 @@ def _(x: Tensor, panels: Tensor, bias: Optional[Tensor], n: int) -> Tensor:
     return x.new_empty((*x.shape[:-1], n))
 
 
+_PANEL_OP = torch.ops.torchvlm.panel_linear.default  # looked up once: an eager step calls it ~100 times
+
+
 def panel_linear(x: Tensor, panels: Tensor, bias: Optional[Tensor], n: int) -> Tensor:
     """``F.linear(x, weight, bias)`` for a bf16/fp16 weight ``[n, K]`` kept as ``panels =
     pack_panels(weight)``, through the C++ panel kernel (float32 accumulation, one rounding to ``x.dtype``,
@@ -226,7 +230,7 @@ def panel_linear(x: Tensor, panels: Tensor, bias: Optional[Tensor], n: int) -> T
     ``bias [n]`` in the panels' dtype. No autograd. It is the op ``torchvlm::panel_linear``, opaque under
     ``torch.compile``."""
     if torch.compiler.is_compiling() or panel_kernel_available():
-        return torch.ops.torchvlm.panel_linear.default(x, panels, bias, n)
+        return _PANEL_OP(x, panels, bias, n)
     return _panel_linear_reference(x, panels, bias, n)
 
 

@@ -51,7 +51,10 @@ UPCAST_MIN_ROWS = 40
 #: Weights upcast at a time for products of fewer than :data:`UPCAST_WHOLE_ROWS` rows: a 4 MB float32 block
 #: stays in cache for its GEMM, where a whole large copy is written to memory (and page-faulted) first:
 #: Qwen2-1.5B's layers at 128 rows 640 -> 327 ms. Larger products upcast whole weights: their GEMMs
-#: dominate and run faster whole (a ViT's 1024 rows: 672 vs 711-770 ms in blocks).
+#: dominate and run faster whole (a ViT's 1024 rows: 672 vs 711-770 ms in blocks). :class:`PanelLinear`
+#: runs its kernel below :data:`UPCAST_WHOLE_ROWS` rows (it measured faster than the upcast GEMMs up to
+#: there: SmolLM2's layers at 256 rows 431 vs 466 ms, Qwen2-1.5B's at 512 rows 1285 vs 1681 ms) and
+#: upcasts whole weights from there on.
 UPCAST_BLOCK = 1 << 20
 UPCAST_WHOLE_ROWS = 512
 
@@ -240,11 +243,12 @@ class PanelLinear(_RelaidLinear):
         return unpack_panels(self.panels, self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.numel() // max(1, x.shape[-1])
-        if rows < UPCAST_WHOLE_ROWS and x.dtype == self.panels.dtype and not records_grad(x, self.panels, self.bias):
-            return panel_linear(x, self.panels, self.bias, self.out_features)
-        w = unpack_panels(self.panels, self.out_features, torch.float32)
-        return F.linear(x.float(), w, None if self.bias is None else self.bias.float()).to(x.dtype)
+        panels, bias = self.panels, self.bias  # (each module attribute read costs ~1 us in an eager step)
+        if (x.numel() < UPCAST_WHOLE_ROWS * self.in_features and x.dtype == panels.dtype
+                and not records_grad(x, panels, bias)):
+            return panel_linear(x, panels, bias, self.out_features)
+        w = unpack_panels(panels, self.out_features, torch.float32)
+        return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
 
 
 class UpcastLinear(nn.Linear):
