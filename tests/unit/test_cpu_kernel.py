@@ -107,13 +107,16 @@ def test_op_names_operands_that_do_not_fit():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_panel_layout_round_trips(dtype):
     """pack_panels / unpack_panels: 16-row panels (a short last one padded with zeros), back to the same
-    weight, and any slice of whole panels unpacks to its rows (the float32 upcast of large products)."""
+    weight; any slice of whole panels unpacks to its rows (the float32 upcast of large products); the layout
+    is the same in every dtype, so converted panels (``model.to(...)``) unpack to the converted weight."""
     w = torch.randn(37, 5).to(dtype)
     panels = cpu_kernel.pack_panels(w)
     assert panels.shape == (3, 5, 16) and panels.dtype == dtype and panels.is_contiguous()
     assert torch.equal(cpu_kernel.unpack_panels(panels, 37), w)
     assert torch.equal(cpu_kernel.unpack_panels(panels[1:2], 16, torch.float32), w[16:32].float())
     assert torch.equal(cpu_kernel.unpack_panels(panels, 48)[37:], torch.zeros(11, 5, dtype=dtype))
+    assert torch.equal(cpu_kernel.unpack_panels(panels.float(), 37), w.float())
+    assert torch.equal(cpu_kernel.pack_panels(w.float()), panels.float())
 
 
 def test_panel_op_falls_back_and_names_operands_that_do_not_fit(monkeypatch):

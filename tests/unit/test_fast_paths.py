@@ -191,7 +191,8 @@ def test_upcast_linear_rounds_like_bf16():
 def test_panel_linear_rounds_like_bf16_and_keeps_the_linear_state_dict():
     """PanelLinear: the panel kernel below UPCAST_WHOLE_ROWS rows, a float32 GEMM at or above it, both
     within one bf16 rounding of the exact product; F.linear on the plain weight while autograd records (the
-    input gets its gradient); state_dict gives the plain weight back and load_state_dict re-lays one out."""
+    input gets its gradient); state_dict gives the plain weight back and load_state_dict re-lays one out; a
+    float32 copy (``.float()``) multiplies in float32."""
     torch.manual_seed(0)
     lin = nn.Linear(64, 40).to(torch.bfloat16)
     layer = PanelLinear(lin)
@@ -213,6 +214,8 @@ def test_panel_linear_rounds_like_bf16_and_keeps_the_linear_state_dict():
     with torch.no_grad():
         assert torch.equal(layer.weight, other.weight)
         torch.testing.assert_close(layer(x).float(), F.linear(x, other.weight, other.bias).float(), atol=0.05, rtol=0)
+        layer.float()  # converts the panels (the layout is the same in every dtype): float32 products, exact
+        torch.testing.assert_close(layer(x.float()), F.linear(x.float(), other.weight.float(), other.bias.float()))
 
 
 def test_upcast_linear_upcasts_large_weights_in_blocks(monkeypatch):

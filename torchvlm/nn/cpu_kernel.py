@@ -181,30 +181,26 @@ def int8_linear(x: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
     return torch._weight_int8pack_mm(x, qweight, scale)
 
 
-# The panel layout of a bf16/fp16 weight [N, K]: P = ceil(N / 16) panels [K, 16] of 16 output rows each (zeros
-# past N), one 16-weight vector per input index. bf16 vectors pair rows i and i + 8 in their 32-bit lane i (the
-# kernel widens both halves with a shift and a mask), fp16 vectors hold the rows in order.
+# The panel layout of a weight [N, K]: P = ceil(N / 16) panels [K, 16] of 16 output rows each (zeros past N),
+# one 16-weight vector per input index, whose pair i holds rows i and i + 8 (for bf16 one 32-bit lane, which
+# the kernel widens with a shift and a mask). The same for every dtype, so a converted copy stays valid.
 def pack_panels(weight: Tensor) -> Tensor:
-    """``weight [N, K]`` (bf16/fp16) in the panel layout of :func:`panel_linear`: ``[ceil(N / 16), K, 16]``."""
+    """``weight [N, K]`` in the panel layout of :func:`panel_linear`: ``[ceil(N / 16), K, 16]``."""
     n, k = weight.shape
     p = -(-n // 16)
     w = weight.detach()
     if p * 16 != n:
         w = torch.cat([w, w.new_zeros(p * 16 - n, k)])
-    if weight.dtype == torch.bfloat16:  # [P, 2 (row i or i + 8), 8 (i), K] -> [P, K, 8, 2]
-        return w.view(p, 2, 8, k).permute(0, 3, 2, 1).reshape(p, k, 16).contiguous()
-    return w.view(p, 16, k).transpose(1, 2).contiguous()
+    # [P, 2 (row i or i + 8), 8 (i), K] -> [P, K, 8, 2]
+    return w.view(p, 2, 8, k).permute(0, 3, 2, 1).reshape(p, k, 16).contiguous()
 
 
 def unpack_panels(panels: Tensor, n: int, dtype: Optional[torch.dtype] = None) -> Tensor:
     """The plain weight ``[n, K]`` (in ``dtype``, default the panels') of panels made by :func:`pack_panels`;
     ``panels`` may be a slice of whole panels (then ``n`` counts its rows)."""
     p, k, _ = panels.shape
-    if panels.dtype == torch.bfloat16:
-        rows = panels.view(p, k, 8, 2).permute(0, 3, 2, 1)
-    else:
-        rows = panels.transpose(1, 2)
-    return rows.reshape(p * 16, k)[:n].to(dtype or panels.dtype, memory_format=torch.contiguous_format)
+    rows = panels.view(p, k, 8, 2).permute(0, 3, 2, 1).reshape(p * 16, k)
+    return rows[:n].to(dtype or panels.dtype, memory_format=torch.contiguous_format)
 
 
 def _panel_linear_reference(x: Tensor, panels: Tensor, bias: Optional[Tensor], n: int) -> Tensor:
@@ -226,10 +222,11 @@ _PANEL_OP = torch.ops.torchvlm.panel_linear.default  # looked up once: an eager 
 def panel_linear(x: Tensor, panels: Tensor, bias: Optional[Tensor], n: int) -> Tensor:
     """``F.linear(x, weight, bias)`` for a bf16/fp16 weight ``[n, K]`` kept as ``panels =
     pack_panels(weight)``, through the C++ panel kernel (float32 accumulation, one rounding to ``x.dtype``,
-    as :func:`lowp_linear`) where it builds, else ``F.linear`` on the unpacked weight. ``x [..., K]`` and
-    ``bias [n]`` in the panels' dtype. No autograd. It is the op ``torchvlm::panel_linear``, opaque under
+    as :func:`lowp_linear`) where it builds, else (or for other dtypes) ``F.linear`` on the unpacked
+    weight. ``x [..., K]`` and ``bias [n]`` in the panels' dtype. No autograd. It is the op ``torchvlm::panel_linear``, opaque under
     ``torch.compile``."""
-    if torch.compiler.is_compiling() or panel_kernel_available():
+    if (panels.dtype in _KERNEL_DTYPES and x.dtype == panels.dtype
+            and (torch.compiler.is_compiling() or panel_kernel_available())):
         return _PANEL_OP(x, panels, bias, n)
     return _panel_linear_reference(x, panels, bias, n)
 

@@ -230,8 +230,9 @@ class PanelLinear(_RelaidLinear):
     GEMM on upcast copies up to ~512 rows (docs/performance.md). Larger products (vision towers) run that
     float32 GEMM. Each output is a float32 sum rounded once to the layer's dtype: equal to the bf16
     ``F.linear`` within its rounding, not bit-identical. The panels are a non-persistent buffer ``panels``;
-    ``state_dict()`` gives the plain ``weight`` back. With autograd recording it multiplies as
-    ``F.linear`` on the plain weight (no gradient reaches the panels).
+    ``state_dict()`` gives the plain ``weight`` back. With autograd recording (or after ``model.to(float32)``,
+    which converts the panels, whose layout is the same for every dtype) it multiplies as ``F.linear`` on the
+    plain weight in float32 (no gradient reaches the panels).
     """
 
     _layout_name = "panels"
@@ -245,7 +246,7 @@ class PanelLinear(_RelaidLinear):
     def forward(self, x: Tensor) -> Tensor:
         panels, bias = self.panels, self.bias  # (each module attribute read costs ~1 us in an eager step)
         if (x.numel() < UPCAST_WHOLE_ROWS * self.in_features and x.dtype == panels.dtype
-                and not records_grad(x, panels, bias)):
+                and panels.dtype in _PACK_DTYPES and not records_grad(x, panels, bias)):
             return panel_linear(x, panels, bias, self.out_features)
         w = unpack_panels(panels, self.out_features, torch.float32)
         return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)

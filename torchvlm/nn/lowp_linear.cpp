@@ -172,10 +172,10 @@ static void check_vector(const at::Tensor& v, const char* name, const at::Tensor
 }
 
 // ---- panel layout (AVX2): y = x @ weight^T + bias for a bf16/fp16 weight kept as panels [P, K, 16], P = ceil(N / 16):
-// panel p holds output rows 16p..16p+15 (zeros past N), one 16-weight vector per input index k. For bf16 the
-// 32-bit pair i of a vector holds rows i (low half) and i + 8 (high half), so that a shift and a mask widen
-// rows 0-7 and 8-15 into two float32 vectors; fp16 vectors hold the rows in order (F16C widens them).
-// torchvlm.nn.fast.pack_panels / unpack_panels make and undo the layout.
+// panel p holds output rows 16p..16p+15 (zeros past N), one 16-weight vector per input index k, whose 32-bit
+// pair i holds rows i (low half) and i + 8 (high half): for bf16 a shift and a mask widen rows 0-7 and 8-15
+// into two float32 vectors; fp16 pairs are first sorted by a byte shuffle (F16C widens them). The layout is
+// the same for every dtype. torchvlm.nn.cpu_kernel.pack_panels / unpack_panels make and undo it.
 //
 // The outer-product form of a GEMM micro-kernel: each widened weight vector is multiplied with fused
 // multiply-adds against MR broadcast input values (one per row), so a product needs no horizontal sums and
@@ -189,8 +189,15 @@ static inline void widen16(const at::BFloat16* p, __m256& a, __m256& b) {
     b = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 static inline void widen16(const at::Half* p, __m256& a, __m256& b) {
-    a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    b = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    // in each 128-bit lane the low halves (rows 0-3, then 4-7) before the high ones (rows 8-11, 12-15) ...
+    const __m256i lanes = _mm256_shuffle_epi8(
+        v, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+                            0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
+    // ... then rows 0-7 in the low 128 bits, 8-15 in the high ones
+    const __m256i rows = _mm256_permute4x64_epi64(lanes, 0xD8);  // 64-bit parts 0, 2, 1, 3
+    a = _mm256_cvtph_ps(_mm256_castsi256_si128(rows));
+    b = _mm256_cvtph_ps(_mm256_extracti128_si256(rows, 1));
 }
 
 // rows x [MR, K] (float32, row stride K) against one panel w [K, 16], U steps unrolled: y[i * N + j] for
