@@ -7,7 +7,10 @@ The kernel reads each weight row once, widens it to float32 in registers and acc
 multiply-adds, several input rows per loaded weight vector (docs/performance.md has the figures). Each
 output is one float32 sum rounded once to the layer's dtype, as the bf16 ``F.linear`` rounds, only summed
 in another order: equal within bf16 rounding, not bit-identical (tests/unit/test_cpu_kernel.py). The same
-kernel with int8 weights is :func:`int8_linear`, the product of ``torch._weight_int8pack_mm``.
+kernel with int8 weights is :func:`int8_linear`, the product of ``torch._weight_int8pack_mm``. On AVX2 the
+library also has :func:`panel_linear`, for weights laid out in panels of 16 output rows
+(:func:`pack_panels`, :class:`torchvlm.nn.fast.PanelLinear`): each widened weight vector meets several
+broadcast input values, the outer-product form of a GEMM micro-kernel, 1.1-2x the row-major kernel.
 
 ``int4_linear.cpp``: int4 weights in the layout ``torch._convert_weight_to_int4pack_for_cpu`` makes on an
 AVX2 CPU, the product of ``torch._weight_int4pack_mm_for_cpu`` (for bf16 rows from inputs rounded to int16
@@ -223,8 +226,8 @@ def panel_linear(x: Tensor, panels: Tensor, bias: Optional[Tensor], n: int) -> T
     """``F.linear(x, weight, bias)`` for a bf16/fp16 weight ``[n, K]`` kept as ``panels =
     pack_panels(weight)``, through the C++ panel kernel (float32 accumulation, one rounding to ``x.dtype``,
     as :func:`lowp_linear`) where it builds, else (or for other dtypes) ``F.linear`` on the unpacked
-    weight. ``x [..., K]`` and ``bias [n]`` in the panels' dtype. No autograd. It is the op ``torchvlm::panel_linear``, opaque under
-    ``torch.compile``."""
+    weight. ``x [..., K]`` and ``bias [n]`` in the panels' dtype. No autograd. It is the op
+    ``torchvlm::panel_linear``, opaque under ``torch.compile``."""
     if (panels.dtype in _KERNEL_DTYPES and x.dtype == panels.dtype
             and (torch.compiler.is_compiling() or panel_kernel_available())):
         return _PANEL_OP(x, panels, bias, n)

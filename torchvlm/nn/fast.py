@@ -225,8 +225,8 @@ class PanelLinear(_RelaidLinear):
     (:func:`torchvlm.nn.cpu_kernel.panel_kernel_available`). Products of fewer than :data:`UPCAST_WHOLE_ROWS`
     rows run in :func:`torchvlm.nn.cpu_kernel.panel_linear`: each 16-weight vector is widened to float32 once
     and multiplied with several broadcast input values, the outer-product form of a GEMM micro-kernel. On 2
-    AVX2 cores it ran SmolLM2-135M's and Qwen2-1.5B's layers 1.04-1.1x faster than the row-major kernel
-    (:func:`torchvlm.nn.cpu_kernel.lowp_linear`) at one row, 1.4-2x at 4-48 rows, and faster than the float32
+    AVX2 cores it ran SmolLM2-135M's and Qwen2-1.5B's layers 1.06-1.26x faster than the row-major kernel
+    (:func:`torchvlm.nn.cpu_kernel.lowp_linear`) at one row, 1.2-2x at 2-32 rows, and faster than the float32
     GEMM on upcast copies up to ~512 rows (docs/performance.md). Larger products (vision towers) run that
     float32 GEMM. Each output is a float32 sum rounded once to the layer's dtype: equal to the bf16
     ``F.linear`` within its rounding, not bit-identical. The panels are a non-persistent buffer ``panels``;

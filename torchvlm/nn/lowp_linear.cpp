@@ -1,8 +1,10 @@
-// The CPU kernels of two ops, for decode-sized products on CPUs where oneDNN has no bf16/fp16 GEMM (AVX2):
+// The CPU kernels of three ops, for decode-sized products on CPUs where oneDNN has no bf16/fp16 GEMM (AVX2):
 //   torchvlm::lowp_linear(x, weight, bias): y = x @ weight^T + bias for a bf16/fp16 weight [N, K] and rows
 //       x [..., K], bias [N] and y of the same type;
 //   torchvlm::int8_linear(x, qweight, scale): y[m, n] = scale[n] * sum_k x[m, k] * q[n, k] for int8 codes
-//       q [N, K] (an Int8Linear's), x [M, K] and scale [N] bf16, fp16 or fp32 (the layer adds its bias).
+//       q [N, K] (an Int8Linear's), x [M, K] and scale [N] bf16, fp16 or fp32 (the layer adds its bias);
+//   torchvlm::panel_linear(x, panels, bias, N) (AVX2 builds): lowp_linear's product for a weight laid out in
+//       panels of 16 output rows (below).
 // Each output is one float32 sum rounded once to the rows' type, as the bf16 F.linear rounds, only summed in
 // another order.
 //
@@ -87,6 +89,8 @@ template <typename T, typename W, int MR, int U>
 static inline void tile(const W* w, const float* x, float b, T* y, int64_t K, int64_t N) {
     const int64_t Ku = K - K % (S * U), Ks = K - K % S;
     fV acc[U][MR][2];
+    // "#pragma GCC unroll" on every loop over acc's indices: unrolled only later, GCC 12 kept acc in memory
+    // and stored all of it every step (the panel kernel below ran slower than this one until this)
     #pragma GCC unroll 16
     for (int u = 0; u < U; ++u)
         #pragma GCC unroll 16
@@ -171,11 +175,12 @@ static void check_vector(const at::Tensor& v, const char* name, const at::Tensor
                 x.scalar_type(), ", got ", v.scalar_type(), " ", v.sizes());
 }
 
-// ---- panel layout (AVX2): y = x @ weight^T + bias for a bf16/fp16 weight kept as panels [P, K, 16], P = ceil(N / 16):
-// panel p holds output rows 16p..16p+15 (zeros past N), one 16-weight vector per input index k, whose 32-bit
-// pair i holds rows i (low half) and i + 8 (high half): for bf16 a shift and a mask widen rows 0-7 and 8-15
-// into two float32 vectors; fp16 pairs are first sorted by a byte shuffle (F16C widens them). The layout is
-// the same for every dtype. torchvlm.nn.cpu_kernel.pack_panels / unpack_panels make and undo it.
+// ---- panel layout (AVX2): y = x @ weight^T + bias for a bf16/fp16 weight kept as panels [P, K, 16],
+// P = ceil(N / 16). Panel p holds output rows 16p..16p+15 (zeros past N), one 16-weight vector per input
+// index k, whose 32-bit pair i holds rows i (low half) and i + 8 (high half): for bf16 a shift and a mask
+// widen rows 0-7 and 8-15 into two float32 vectors; fp16 pairs are first sorted by a byte shuffle (F16C
+// widens them). The layout is the same for every dtype. torchvlm.nn.cpu_kernel.pack_panels /
+// unpack_panels make and undo it.
 //
 // The outer-product form of a GEMM micro-kernel: each widened weight vector is multiplied with fused
 // multiply-adds against MR broadcast input values (one per row), so a product needs no horizontal sums and
@@ -296,7 +301,8 @@ static at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels
     at::Tensor y = at::empty(shape, x.options());
     if (t == at::kBFloat16)
         run_panels<at::BFloat16>(panels.data_ptr<at::BFloat16>(), rows.data_ptr<at::BFloat16>(),
-                                 b ? b->data_ptr<at::BFloat16>() : nullptr, y.data_ptr<at::BFloat16>(), rows.size(0), N, K);
+                                 b ? b->data_ptr<at::BFloat16>() : nullptr, y.data_ptr<at::BFloat16>(),
+                                 rows.size(0), N, K);
     else
         run_panels<at::Half>(panels.data_ptr<at::Half>(), rows.data_ptr<at::Half>(),
                              b ? b->data_ptr<at::Half>() : nullptr, y.data_ptr<at::Half>(), rows.size(0), N, K);
