@@ -33,6 +33,7 @@
 #include <memory>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 #if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -175,6 +176,13 @@ static void check_vector(const at::Tensor& v, const char* name, const at::Tensor
                 x.scalar_type(), ", got ", v.scalar_type(), " ", v.sizes());
 }
 
+// rows x [..., K] as contiguous [M, K], and the output [..., N] of a product of them
+static std::pair<at::Tensor, at::Tensor> rows_and_output(const at::Tensor& x, int64_t K, int64_t N) {
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = N;
+    return {x.reshape({-1, K}).contiguous(), at::empty(shape, x.options())};
+}
+
 // ---- panel layout (AVX2): y = x @ weight^T + bias for a bf16/fp16 weight kept as panels [P, K, 16],
 // P = ceil(N / 16). Panel p holds output rows 16p..16p+15 (zeros past N), one 16-weight vector per input
 // index k, whose 32-bit pair i holds rows i (low half) and i + 8 (high half): for bf16 a shift and a mask
@@ -295,10 +303,7 @@ static at::Tensor panel_linear_cpu(const at::Tensor& x, const at::Tensor& panels
     const int64_t K = panels.size(1);
     const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
     if (b) check_vector(*b, "bias", x, N, "torchvlm::panel_linear");
-    const at::Tensor rows = x.reshape({-1, K}).contiguous();
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-    shape.back() = N;
-    at::Tensor y = at::empty(shape, x.options());
+    auto [rows, y] = rows_and_output(x, K, N);
     if (t == at::kBFloat16)
         run_panels<at::BFloat16>(panels.data_ptr<at::BFloat16>(), rows.data_ptr<at::BFloat16>(),
                                  b ? b->data_ptr<at::BFloat16>() : nullptr, y.data_ptr<at::BFloat16>(),
@@ -322,10 +327,7 @@ static at::Tensor lowp_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
     const int64_t N = weight.size(0), K = weight.size(1);
     const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
     if (b) check_vector(*b, "bias", x, N, "torchvlm::lowp_linear");
-    const at::Tensor rows = x.reshape({-1, K}).contiguous();
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-    shape.back() = N;
-    at::Tensor y = at::empty(shape, x.options());
+    auto [rows, y] = rows_and_output(x, K, N);
     if (t == at::kBFloat16)
         run<at::BFloat16, at::BFloat16>(weight, rows, b, y);
     else
