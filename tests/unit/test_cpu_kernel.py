@@ -32,7 +32,7 @@ class _OpSpy(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "torchvlm":
-            self.calls.append((func._opname, tuple(args[0].shape), tuple(args[1].shape)))
+            self.calls.append((func._opname, tuple(args[0].shape), tuple(args[1].shape) if len(args) > 1 else None))
         return func(*args, **(kwargs or {}))
 
 
@@ -459,3 +459,103 @@ def test_rms_norm_op_names_operands_that_do_not_fit():
         pytest.skip("no C++ toolchain for Inductor on this machine")
     with pytest.raises(RuntimeError, match="rms_norm: needs bf16/fp16 x"):
         torch.ops.torchvlm.rms_norm(torch.randn(2, 8).bfloat16(), torch.ones(7).bfloat16(), 1e-6, False)
+
+
+# ------------------------------------------------------------------------------------------ rope kernel
+def _rope_tables(b: int, t: int, d: int, dtype: torch.dtype):
+    from torchvlm.nn.rope import rope_cos_sin, rope_tables
+
+    freqs = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    positions = torch.arange(t)[None] + torch.arange(b)[:, None] * 7 + 3  # other positions per row
+    return rope_tables(*rope_cos_sin(positions, freqs, dtype))
+
+
+def _dense_strides(t: Tensor) -> list[int]:
+    return [s for s, n in zip(t.stride(), t.shape) if n > 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,h,t,d", [(1, 9, 1, 64), (8, 9, 1, 64), (1, 12, 37, 128), (2, 3, 5, 10), (1, 2, 3, 40)])
+@pytest.mark.parametrize("layout", ["transposed", "contiguous"])
+@pytest.mark.parametrize("row_tables", [True, False])
+def test_rope_kernel_is_bit_identical_to_the_pytorch_ops(dtype, b, h, t, d, layout, row_tables):
+    """The kernel rounds each product and the sum as PyTorch's ops do: apply_rope gives the very same values
+    (vectorized halves and scalar tails: D / 2 of 32, 64, 5 and 20), in the memory order the ops give."""
+    from torchvlm.nn.rope import apply_rope
+
+    if not cpu_kernel.decode_kernels_available():
+        pytest.skip("no C++ toolchain for Inductor on this machine")
+    g = torch.Generator().manual_seed(b * 1000 + t * 10 + d)
+    x = (torch.randn(b, t, h, d, generator=g) * 3).to(dtype)
+    x = x.transpose(1, 2) if layout == "transposed" else x.transpose(1, 2).contiguous()  # q after its projection
+    cos, sin = _rope_tables(b if row_tables else 1, t, d, dtype)
+    with _OpSpy() as spy, torch.inference_mode():
+        got = apply_rope(x, cos, sin)
+    assert [c[0] for c in spy.calls] == ["rope"]
+    ref = cpu_kernel.rope_reference(x, cos, sin)
+    assert got.dtype == dtype and got.shape == ref.shape and torch.equal(got, ref)
+    assert _dense_strides(got) == _dense_strides(ref)
+
+
+def test_rope_keeps_autograd_and_fp32_on_pytorch_ops():
+    from torchvlm.nn.rope import apply_rope
+
+    x = torch.randn(1, 2, 3, 8, dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = _rope_tables(1, 3, 8, torch.bfloat16)
+    with _OpSpy() as spy:
+        apply_rope(x, cos, sin).float().sum().backward()
+        with torch.no_grad():
+            apply_rope(x.detach().float(), cos.float(), sin.float())
+    assert not spy.calls and x.grad is not None
+
+
+def test_rope_op_names_operands_that_do_not_fit():
+    if not cpu_kernel.decode_kernels_available():
+        pytest.skip("no C++ toolchain for Inductor on this machine")
+    x = torch.randn(1, 2, 3, 8).bfloat16()
+    cos, sin = _rope_tables(1, 4, 8, torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"rope: tables \[1, 1, 4, 8\] do not fit x \[1, 2, 3, 8\]"):
+        torch.ops.torchvlm.rope(x, cos, sin)
+    with pytest.raises(RuntimeError, match="rope: needs bf16/fp16 x"):
+        torch.ops.torchvlm.rope(x, cos.half(), sin)
+
+
+# ------------------------------------------------------------------------------------------ greedy argmax
+@pytest.mark.parametrize("v", [1, 5, 8, 13, 64, 49152, 1003])
+def test_argmax_kernel_is_torch_argmax(v):
+    """Random rows, rows whose top value repeats (the first index wins), NaN (the first NaN wins), all -inf,
+    and the top value in the vector part or in the scalar tail."""
+    if not cpu_kernel.decode_kernels_available():
+        pytest.skip("no C++ toolchain for Inductor on this machine")
+    g = torch.Generator().manual_seed(v)
+    x = torch.randn(9, v, generator=g)
+    x[1] = float("-inf")
+    x[2, v // 2] = x[2, v - 1] = 100.0  # a tie
+    x[3, v - 1] = 100.0  # the top in the tail
+    x[4, v // 3] = float("nan")
+    x[4, v - 1] = float("nan")
+    x[5] = 0.0
+    x[6, 0] = -0.0  # -0.0 == 0.0: torch keeps the first
+    x[6, 1:] = torch.where(x[6, 1:] > 0, 0.0, x[6, 1:])
+    x[7] = x[7].round()  # many ties
+    with _OpSpy() as spy:
+        got = cpu_kernel.argmax(x)
+    assert [c[0] for c in spy.calls] == ["argmax"]
+    assert got.dtype == torch.long and torch.equal(got, x.argmax(dim=-1))
+    assert torch.equal(cpu_kernel.argmax(x[3:5]), x[3:5].argmax(dim=-1))  # a view, and fewer rows
+
+
+def test_greedy_sampler_picks_with_the_kernel_and_falls_back():
+    from torchvlm.generation.sampling import Sampler, SamplingParams
+
+    if not cpu_kernel.decode_kernels_available():
+        pytest.skip("no C++ toolchain for Inductor on this machine")
+    logits = torch.randn(3, 100).bfloat16()
+    with _OpSpy() as spy:
+        ids = Sampler(SamplingParams(temperature=0.0))(logits)
+    assert [c[0] for c in spy.calls] == ["argmax"] and torch.equal(ids, logits.float().argmax(-1))
+    with _OpSpy() as spy:  # float64 scores: PyTorch's argmax
+        assert torch.equal(cpu_kernel.argmax(logits.double()), logits.double().argmax(-1))
+    assert not spy.calls
+    with pytest.raises(RuntimeError, match="argmax: needs float32 scores"):
+        torch.ops.torchvlm.argmax(torch.randn(2, 3, 4))

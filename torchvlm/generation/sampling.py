@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from torchvlm.errors import GenerationError
+from torchvlm.nn.cpu_kernel import argmax
 
 __all__ = ["SamplingParams", "Sampler", "process_logits", "normalize_stop", "apply_constraints"]
 
@@ -404,7 +405,7 @@ class Sampler:
         _check_inputs(logits, prev_ids, prev_mask)
         scores = _process(logits, self.params, prev_ids, prev_mask)
         if self.params.greedy:
-            return scores.argmax(dim=-1)
+            return argmax(scores)  # scores.argmax(dim=-1), in C++ on the CPU (torchvlm.nn.cpu_kernel.argmax)
         probs = scores.softmax(dim=-1)
         gen = self._generator_for(probs.device)
         return torch.multinomial(probs, num_samples=1, generator=gen).squeeze(1)

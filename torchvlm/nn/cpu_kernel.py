@@ -16,15 +16,17 @@ broadcast input values, the outer-product form of a GEMM micro-kernel, 1.1-2x th
 AVX2 CPU, the product of ``torch._weight_int4pack_mm_for_cpu`` (for bf16 rows from inputs rounded to int16
 per group, each within 1/65534 of its group's largest, which lets ``vpmaddwd`` multiply two steps at once).
 
-``decode_ops.cpp``: two ops of a bf16/fp16 decode step that PyTorch runs as per-head calls or many small
-ops, on any CPU. :func:`decode_attention`, the attention of one query per row and head over a KV cache in
-float32 (:func:`torchvlm.nn.attention.attention` calls it for decode steps: PyTorch's SDPA spends most of
-such a step in per-head overheads and float32 copies of the cache), and :func:`rms_norm`, RMSNorm in one
-pass per row (:class:`torchvlm.nn.norm.RMSNorm` calls it outside compiled graphs, where Inductor fuses it
-itself).
+``decode_ops.cpp``: ops of a decode step that PyTorch runs as per-head calls, many small ops or slowly, on
+any CPU. :func:`decode_attention`, the attention of one query per row and head over a KV cache in float32
+(:func:`torchvlm.nn.attention.attention` calls it for decode steps: PyTorch's SDPA spends most of such a
+step in per-head overheads and float32 copies of the cache); :func:`rms_norm`, RMSNorm in one pass per row,
+and :func:`rope`, the rotary embedding in one pass (:class:`torchvlm.nn.norm.RMSNorm` and
+:func:`torchvlm.nn.rope.apply_rope` call them outside compiled graphs, where Inductor fuses them itself);
+:func:`argmax`, the greedy pick (:class:`torchvlm.generation.sampling.Sampler`).
 
 The libraries are linked against libtorch and register themselves as the CPU kernels of the ops
-``torchvlm::lowp_linear``, ``int8_linear``, ``int4_linear``, ``decode_attention`` and ``rms_norm``, so
+``torchvlm::lowp_linear``, ``int8_linear``, ``int4_linear``, ``decode_attention``, ``rms_norm``, ``rope``
+and ``argmax``, so
 compiled graphs call them without Python (for the compiled SmolLM2-135M bf16 step that was ~1.1 ms of ~17
 a token, against Python kernels calling the same C++). The Python functions below check the operands and
 call the ops.
@@ -55,7 +57,7 @@ from torch import Tensor
 __all__ = ["lowp_linear", "int8_linear", "int4_linear", "decode_attention", "kernel_available",
            "int8_kernel_available", "int4_kernel_available", "decode_kernels_available", "rms_norm",
            "panel_linear", "pack_panels", "unpack_panels", "panel_kernel_available",
-           "rms_norm_reference", "records_grad"]
+           "rms_norm_reference", "records_grad", "rope", "rope_reference", "argmax"]
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # lowp_linear's weights and rows
 _INT8_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # int8_linear's rows
@@ -63,6 +65,9 @@ _INT8_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # int8_linear's r
 
 def _enabled() -> bool:
     return os.environ.get("TORCHVLM_CPU_KERNEL", "1") != "0"
+
+
+_LOADED: set[str] = set()  # the libraries _load has built and loaded
 
 
 @functools.cache
@@ -79,10 +84,13 @@ def _load(source: str):
             cpp_compile_command_flags = {"include_pytorch": True, "shared": True}
 
         library = _LinkedToTorch.load(Path(__file__).with_name(source).read_text())
-        return library if getattr(library, f"torchvlm_{Path(source).stem}_loaded")() else None
+        if not getattr(library, f"torchvlm_{Path(source).stem}_loaded")():
+            return None
+        _LOADED.add(source)
+        return library
     except Exception as e:  # noqa: BLE001 - any toolchain failure means: use the PyTorch op
         what = {"lowp_linear.cpp": "bf16/fp16 and int8 products", "int4_linear.cpp": "int4 products",
-                "decode_ops.cpp": "one-query bf16/fp16 attention and RMSNorm"}[source]
+                "decode_ops.cpp": "one-query bf16/fp16 attention, RMSNorm, rope and the greedy argmax"}[source]
         warnings.warn(f"torchvlm: the C++ kernel {source} could not be built ({type(e).__name__}: {e}); "
                       f"{what} use the PyTorch op (slower on this CPU)", RuntimeWarning, stacklevel=3)
         return None
@@ -99,7 +107,8 @@ def _int4_op() -> bool:
 
 
 def _decode_ops() -> bool:
-    """Whether ``decode_ops.cpp`` is the CPU kernel of ``torchvlm::decode_attention`` and ``torchvlm::rms_norm``."""
+    """Whether ``decode_ops.cpp`` is the CPU kernel of ``torchvlm::decode_attention``, ``rms_norm``, ``rope`` and
+    ``argmax``."""
     return _load("decode_ops.cpp") is not None
 
 
@@ -127,8 +136,8 @@ def panel_kernel_available() -> bool:
 
 
 def decode_kernels_available() -> bool:
-    """Whether the one-query attention and RMSNorm kernels build on this machine (builds them on the first
-    call)."""
+    """Whether the one-query attention, RMSNorm, rope and argmax kernels (``decode_ops.cpp``) build on this
+    machine (builds them on the first call)."""
     return _decode_ops()
 
 
@@ -314,3 +323,59 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, unit_offset: bool = False) -
             and not torch.compiler.is_compiling() and _decode_ops()):
         return torch.ops.torchvlm.rms_norm.default(x, weight, eps, unit_offset)
     return rms_norm_reference(x, weight, eps, unit_offset)
+
+
+# Two more ops of an eager decode step (decode_ops.cpp), each the same arithmetic as the PyTorch ops it
+# replaces: bit-identical results in one pass. Outside compiled graphs only (Inductor fuses rope itself).
+
+def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """:func:`torchvlm.nn.rope.apply_rope`'s arithmetic in PyTorch ops (the op's kernel where
+    ``decode_ops.cpp`` is not built)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
+_LIB.define("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor")
+_LIB.impl("rope", rope_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("torchvlm::rope")
+def _(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+_ROPE_OP = torch.ops.torchvlm.rope.default
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x * cos + roll(x, D / 2) * sin`` for ``x [B, H, T, D]`` and tables ``[B or 1, 1 or H, T, D]``
+    (:func:`torchvlm.nn.rope.apply_rope`). For bf16/fp16 CPU operands of one dtype, outside compiled graphs
+    and without autograd, the C++ kernel where it builds (the op ``torchvlm::rope``: each product and the sum
+    rounded to the dtype as PyTorch's ops round them, bit-identical; 5 instead of 11 us a call for one token
+    of SmolLM2's 9 query heads on 2 AVX2 cores); everything else is :func:`rope_reference`."""
+    if (x.dtype in _KERNEL_DTYPES and x.is_cpu and cos.dtype == x.dtype and sin.dtype == x.dtype
+            and x.dim() == 4 and cos.dim() == 4 and sin.dim() == 4 and not records_grad(x, cos, sin)
+            and not torch.compiler.is_compiling() and _decode_ops()):
+        return _ROPE_OP(x, cos, sin)
+    return rope_reference(x, cos, sin)
+
+
+_LIB.define("argmax(Tensor x) -> Tensor")
+_LIB.impl("argmax", lambda x: x.argmax(dim=-1), "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("torchvlm::argmax")
+def _(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[:1], dtype=torch.long)
+
+
+def argmax(scores: Tensor) -> Tensor:
+    """``scores.argmax(dim=-1)`` for scores ``[R, V]`` (the first index of each row's largest value, a NaN
+    counting as the largest): the greedy pick. For float32 CPU scores outside compiled graphs, the C++
+    kernel where it builds (the op ``torchvlm::argmax``, two vectorized passes over each row: 9 instead of
+    54-90 us for SmolLM2's 49152 logits on 2 AVX2 cores, 36 instead of 263 us for 8 rows); else PyTorch's.
+    It does not build the kernel itself (float32 models reach it too, whose first step should not wait ~15 s
+    for a build): a bf16/fp16 CPU model built it at load (:func:`torchvlm.nn.fast.build_decode_kernels`)."""
+    if (scores.dtype == torch.float32 and scores.is_cpu and scores.dim() == 2 and scores.shape[1] > 0
+            and "decode_ops.cpp" in _LOADED and not torch.compiler.is_compiling()):
+        return torch.ops.torchvlm.argmax.default(scores)
+    return scores.argmax(dim=-1)

@@ -1,4 +1,4 @@
-// CPU kernels of two ops of a bf16/fp16 decode step that PyTorch runs as many small ops or per-head calls:
+// CPU kernels of ops of a bf16/fp16 decode step that PyTorch runs as many small ops, per-head calls or slowly:
 //
 // torchvlm::decode_attention(q, k, v, mask, scale): the attention of one query per row and head
 // over a KV cache in bf16/fp16, computed in float32, for the decode steps of torchvlm.nn.attention.attention:
@@ -18,8 +18,17 @@
 // then T(h) * w rounded to T, or with unit_offset T(h * (1 + float(w))). Only the float32 sum of squares is
 // summed in another order than PyTorch's mean. Eager PyTorch runs ~8 ops for it, ~40 us for one SmolLM2 row.
 //
+// torchvlm::rope(x, cos, sin): torchvlm.nn.rope.apply_rope for bf16/fp16 x [B, H, T, D] and tables
+// [B or 1, 1 or H, T, D]: x * cos + cat(x2, x1) * sin, each product and the sum rounded to T as PyTorch's
+// elementwise ops round them (bit-identical), in one pass instead of roll, two products and a sum.
+//
+// torchvlm::argmax(x): the greedy pick, torch.argmax(x, -1) for float32 scores [R, V] (the first index of
+// the largest value, a NaN counting as the largest). PyTorch's reduction takes ~2 ns a value (~90 us for
+// SmolLM2's 49152 logits); two vectorized passes (the largest value, then its first index) take ~9 us.
+//
 // torchvlm.nn.cpu_kernel builds this with PyTorch Inductor's C++ toolchain, linked against libtorch; it
 // registers the ops' CPU kernels with the dispatcher, so a compiled graph calls them without Python.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
@@ -210,9 +219,116 @@ static at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, do
     return y;
 }
 
+// a and b rounded to T and widened back: the value PyTorch stores after one bf16/fp16 elementwise op
+template <typename T>
+static inline void round_to(fV& a, fV& b) {
+    auto f = at::vec::convert<float, 2, T, 1>(at::vec::convert<T, 1, float, 2>(at::vec::VectorizedN<float, 2>(a, b)));
+    a = f[0];
+    b = f[1];
+}
+
+template <typename T>
+static inline float round_to(float v) {
+    return static_cast<float>(static_cast<T>(v));
+}
+
+// one row of D values (D even, h = D / 2): o = x * c + cat(x2, x1) * s, each product and the sum rounded to T
+template <typename T>
+static inline void rope_row(const T* x, const T* c, const T* s, T* o, int64_t h) {
+    using tV = at::vec::Vectorized<T>;
+    int64_t j = 0;
+    for (; j + tV::size() <= h; j += tV::size()) {
+        auto x1 = at::vec::convert<float, 2, T, 1>(tV::loadu(x + j)), x2 = at::vec::convert<float, 2, T, 1>(tV::loadu(x + h + j));
+        for (int64_t side = 0; side < 2; ++side) {  // side 0: o[j] from x1 * c + x2 * s; side 1: o[h + j] from x2 * c + x1 * s
+            const int64_t at = side * h + j;
+            auto cf = at::vec::convert<float, 2, T, 1>(tV::loadu(c + at)), sf = at::vec::convert<float, 2, T, 1>(tV::loadu(s + at));
+            auto& a = side ? x2 : x1;
+            auto& b = side ? x1 : x2;
+            fV p0 = a[0] * cf[0], p1 = a[1] * cf[1], r0 = b[0] * sf[0], r1 = b[1] * sf[1];
+            round_to<T>(p0, p1);
+            round_to<T>(r0, r1);
+            at::vec::convert<T, 1, float, 2>(at::vec::VectorizedN<float, 2>(p0 + r0, p1 + r1)).store(o + at);
+        }
+    }
+    for (; j < h; ++j) {
+        const float x1 = static_cast<float>(x[j]), x2 = static_cast<float>(x[h + j]);
+        o[j] = static_cast<T>(round_to<T>(x1 * static_cast<float>(c[j])) + round_to<T>(x2 * static_cast<float>(s[j])));
+        o[h + j] = static_cast<T>(round_to<T>(x2 * static_cast<float>(c[h + j])) + round_to<T>(x1 * static_cast<float>(s[h + j])));
+    }
+}
+
+static at::Tensor rope_cpu(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in) {
+    const auto t = x_in.scalar_type();
+    TORCH_CHECK((t == at::kBFloat16 || t == at::kHalf) && cos_in.scalar_type() == t && sin_in.scalar_type() == t
+                    && x_in.dim() == 4 && cos_in.dim() == 4 && sin_in.dim() == 4 && x_in.size(3) % 2 == 0,
+                "torchvlm::rope: needs bf16/fp16 x [B, H, T, D] (D even) and tables cos, sin [B or 1, 1 or H, T, D] of its "
+                "dtype, got x ", t, " ", x_in.sizes(), ", cos ", cos_in.scalar_type(), " ", cos_in.sizes(), ", sin ",
+                sin_in.scalar_type(), " ", sin_in.sizes());
+    // rows of D values are read contiguously; other strides are free
+    auto rows = [](const at::Tensor& a) { return a.stride(3) == 1 ? a : a.contiguous(); };
+    const at::Tensor x = rows(x_in), cos = rows(cos_in), sin = rows(sin_in);
+    const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3);
+    for (const at::Tensor* tab : {&cos, &sin})
+        TORCH_CHECK((tab->size(0) == 1 || tab->size(0) == B) && (tab->size(1) == 1 || tab->size(1) == H)
+                        && tab->size(2) == T && tab->size(3) == D,
+                    "torchvlm::rope: tables ", tab->sizes(), " do not fit x ", x.sizes());
+    // the memory order PyTorch's elementwise ops would give: heads inside tokens for a transposed [B, T, H, D]
+    const bool heads_inner = x.stride(1) < x.stride(2);
+    at::Tensor out = heads_inner ? at::empty({B, T, H, D}, x.options()).transpose(1, 2) : at::empty({B, H, T, D}, x.options());
+    auto offset = [](const at::Tensor& a, int64_t b, int64_t h, int64_t i) {
+        return (a.size(0) == 1 ? 0 : b * a.stride(0)) + (a.size(1) == 1 ? 0 : h * a.stride(1)) + i * a.stride(2);
+    };
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(t, "torchvlm_rope", [&] {
+        const scalar_t *xp = x.data_ptr<scalar_t>(), *cp = cos.data_ptr<scalar_t>(), *sp = sin.data_ptr<scalar_t>();
+        scalar_t* op = out.data_ptr<scalar_t>();
+        at::parallel_for(0, B * H * T, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, D)), [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r) {
+                const int64_t b = r / (H * T), h = (r / T) % H, i = r % T;
+                rope_row(xp + offset(x, b, h, i), cp + offset(cos, b, h, i), sp + offset(sin, b, h, i),
+                         op + offset(out, b, h, i), D / 2);
+            }
+        });
+    });
+    return out;
+}
+
+// the index of each row's largest value (the first of equal ones; a NaN counts as the largest), as torch.argmax
+static at::Tensor argmax_cpu(const at::Tensor& x) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) > 0,
+                "torchvlm::argmax: needs float32 scores [R, V] (V > 0), got ", x.scalar_type(), " ", x.sizes());
+    const at::Tensor xc = x.contiguous();
+    const int64_t R = x.size(0), V = x.size(1);
+    at::Tensor out = at::empty({R}, x.options().dtype(at::kLong));
+    const float* xp = xc.data_ptr<float>();
+    int64_t* op = out.data_ptr<int64_t>();
+    at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+            const float* row = xp + r * V;
+            int64_t j = 0;
+            fV m(-std::numeric_limits<float>::infinity());
+            for (; j + fV::size() <= V; j += fV::size()) m = at::vec::maximum(m, fV::loadu(row + j));  // keeps NaN
+            float top = at::vec::vec_reduce_all<float>([](const fV& a, const fV& b) { return at::vec::maximum(a, b); }, m);
+            for (; j < V; ++j) top = (std::isnan(row[j]) || row[j] > top) ? row[j] : top;
+            int64_t pick = 0;
+            if (std::isnan(top)) {
+                while (!std::isnan(row[pick])) ++pick;
+            } else {
+                const fV tv(top);
+                for (j = 0; j + fV::size() <= V && (fV::loadu(row + j) == tv).zero_mask() == (1 << fV::size()) - 1;)
+                    j += fV::size();  // whole vectors without the top value
+                for (pick = j; row[pick] != top;) ++pick;
+            }
+            op[r] = pick;
+        }
+    });
+    return out;
+}
+
 TORCH_LIBRARY_IMPL(torchvlm, CPU, m) {
     m.impl("decode_attention", &decode_attention_cpu);
     m.impl("rms_norm", &rms_norm_cpu);
+    m.impl("rope", &rope_cpu);
+    m.impl("argmax", &argmax_cpu);
 }
 
 // torchvlm.nn.cpu_kernel checks that the library loaded by this symbol

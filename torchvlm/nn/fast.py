@@ -367,9 +367,9 @@ def optimize_for_inference(model: nn.Module, *, fuse: bool = True, pack: bool = 
 
 
 def build_decode_kernels(model: nn.Module) -> None:
-    """Build the one-query attention and RMSNorm kernels now (load time, ~15 s once, then cached on disk)
-    if ``model`` decodes in bf16/fp16 on the CPU, rather than in its first decode step, or never in a
-    compiled one (a compiled graph traced before the build calls the PyTorch fallback)."""
+    """Build the one-query attention, RMSNorm, rope and argmax kernels now (load time, ~15 s once, then
+    cached on disk) if ``model`` decodes in bf16/fp16 on the CPU, rather than in its first decode step, or
+    never in a compiled one (a compiled graph traced before the build calls the PyTorch fallback)."""
     p = next(model.parameters(), None)
     if p is not None and p.is_cpu and p.dtype in _PACK_DTYPES:
         decode_kernels_available()
