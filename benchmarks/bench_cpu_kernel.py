@@ -123,6 +123,9 @@ def model_decode(model_id: str | None, new_tokens: int, repeats: int) -> None:
 
     from bench_engine import story_prompts  # benchmarks/ is on sys.path when this script runs
 
+    if fast.can_pack(torch.bfloat16):
+        print("\nmodel: oneDNN has bf16 GEMMs on this CPU (PackedLinear), the kernels are not used; skipped")
+        return
     model_id = model_id or smollm2_gguf_path()
     # the same weights in the three layouts of an AVX2 CPU: UpcastLinear multiplying with F.linear, UpcastLinear
     # with the row-major kernel, PanelLinear (where the panel kernel is built)
@@ -133,9 +136,6 @@ def model_decode(model_id: str | None, new_tokens: int, repeats: int) -> None:
     finally:
         fast.panel_kernel_available = real_panels
     layouts = [("F.linear", model, F.linear), ("row-major", model, real_lowp)]
-    if fast.can_pack(torch.bfloat16):
-        print("\nmodel: oneDNN has bf16 GEMMs on this CPU (PackedLinear), the kernels are not used; skipped")
-        return
     if real_panels():
         layouts.append(("panels", torchvlm.load(model_id, dtype="bf16", optimize=True)[0], real_lowp))
     prompts = story_prompts(processor, 8)

@@ -26,10 +26,9 @@ and :func:`rope`, the rotary embedding in one pass (:class:`torchvlm.nn.norm.RMS
 
 The libraries are linked against libtorch and register themselves as the CPU kernels of the ops
 ``torchvlm::lowp_linear``, ``int8_linear``, ``int4_linear``, ``decode_attention``, ``rms_norm``, ``rope``
-and ``argmax``, so
-compiled graphs call them without Python (for the compiled SmolLM2-135M bf16 step that was ~1.1 ms of ~17
-a token, against Python kernels calling the same C++). The Python functions below check the operands and
-call the ops.
+and ``argmax``, so compiled graphs call them without Python (for the compiled SmolLM2-135M bf16 step that
+was ~1.1 ms of ~17 a token, against Python kernels calling the same C++). The Python functions below check
+the operands and call the ops.
 
 PyTorch's int8/int4 ops are slow on AVX2 (the kernels: ~1.5-1.8x at one row, docs/quantization.md);
 :mod:`torchvlm.nn.quant` calls these kernels there. They are built with PyTorch Inductor's C++ toolchain
