@@ -402,6 +402,7 @@ def _run_torchvlm(spec: dict, res: dict) -> None:
 
     from .generation.loop import stream_generate
     from .models.base import VLM
+    from .nn.fast import stored_weight
 
     t0 = time.perf_counter()
     optimize = spec.get("optimize", True)
@@ -419,9 +420,8 @@ def _run_torchvlm(spec: dict, res: dict) -> None:
     res["load_s"] = time.perf_counter() - t0
     res["rss_after_load_mb"] = _proc_status("VmRSS")
     lm = model.language_model
-    res["bytes_per_token"] = _decode_bytes(
-        model, [lm.model.embed_tokens.weight], [lm.model.embed_tokens.weight] if lm.lm_head is None else None
-    )
+    emb = stored_weight(lm.model.embed_tokens)  # (not .weight: embeddings in panels would unpack a copy)
+    res["bytes_per_token"] = _decode_bytes(model, [emb], [emb] if lm.lm_head is None else None)
     res["weight_bytes"] = _weight_bytes(model)
 
     def gen(ids, n, inputs):

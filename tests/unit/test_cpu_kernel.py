@@ -119,6 +119,17 @@ def test_panel_layout_round_trips(dtype):
     assert torch.equal(cpu_kernel.pack_panels(w.float()), panels.float())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_panel_rows_gathers_the_weight_rows(dtype):
+    """panel_rows looks rows up in the panels (an embedding lookup): weight[index] for any index shape, rows
+    of every position in a panel (both halves of a pair), of the short last panel, repeated ids."""
+    w = torch.randn(37, 5).to(dtype)
+    panels = cpu_kernel.pack_panels(w)
+    for index in (torch.arange(37), torch.tensor([[36, 0, 8, 7], [15, 16, 16, 31]]), torch.tensor(9)):
+        got = cpu_kernel.panel_rows(panels, index)
+        assert got.shape == (*index.shape, 5) and torch.equal(got, w[index])
+
+
 def test_panel_op_falls_back_and_names_operands_that_do_not_fit(monkeypatch):
     w, b = torch.randn(20, 32).bfloat16(), torch.randn(20).bfloat16()
     x = torch.randn(3, 32).bfloat16()

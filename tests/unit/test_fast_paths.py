@@ -22,6 +22,7 @@ from torchvlm.nn.attention import attention
 from torchvlm.nn import cpu_kernel, fast
 from torchvlm.nn.fast import (
     PackedLinear,
+    PanelEmbedding,
     PanelLinear,
     UpcastLinear,
     can_pack,
@@ -218,6 +219,46 @@ def test_panel_linear_rounds_like_bf16_and_keeps_the_linear_state_dict():
         torch.testing.assert_close(layer(x.float()), F.linear(x.float(), other.weight.float(), other.bias.float()))
 
 
+@pytest.mark.skipif(not cpu_kernel.panel_kernel_available(), reason="the panel kernel is built for AVX2 CPUs only")
+def test_panel_embedding_looks_up_and_multiplies_like_the_embedding():
+    """PanelEmbedding (a tied head's embeddings as panels): lookups equal nn.Embedding's (any id shape, no
+    copy of the table: no parameter, one buffer), the head's product within one bf16 rounding of the exact
+    one (the panel kernel), the plain ``weight`` in state_dict and back, dtype/device without unpacking, and
+    a float32 copy multiplies exactly."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(50, 32).to(torch.bfloat16)  # 50 rows: a short last panel
+    layer = PanelEmbedding(emb)
+    assert (layer.num_embeddings, layer.embedding_dim, layer.dtype, layer.device) == (50, 32, torch.bfloat16,
+                                                                                     emb.weight.device)
+    assert not list(layer.parameters()) and fast.stored_weight(layer) is layer.panels
+    assert fast.stored_weight(emb) is emb.weight
+    ids = torch.tensor([[0, 49, 17, 17], [8, 15, 16, 33]])
+    assert torch.equal(layer(ids), emb(ids))
+    h = torch.randn(3, 32, dtype=torch.bfloat16)
+    exact = F.linear(h.double(), emb.weight.double())
+    with torch.no_grad():
+        got = layer.head(h)
+    assert got.shape == (3, 50) and ((got.double() - exact).abs() <= exact.abs().clamp_min(1e-2) * 2.0**-7).all()
+    assert set(layer.state_dict()) == {"weight"} and torch.equal(layer.state_dict()["weight"], emb.weight)
+    other = nn.Embedding(50, 32).to(torch.bfloat16)
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(layer(ids), other(ids)) and torch.equal(layer.weight, other.weight)
+    layer.float()
+    torch.testing.assert_close(layer.head(h.float()), F.linear(h.float(), other.weight.float()))
+
+
+def test_num_parameters_counts_relaid_and_quantized_weights(ckpt):
+    """num_parameters() is the same for the plain, optimized and quantized loads of a checkpoint: weights in
+    an inference layout or quantized are buffers but count (a quantized copy of a tied head does not)."""
+    plain = VLM.from_pretrained(ckpt, dtype="bf16")
+    n = plain.num_parameters()
+    assert VLM.from_pretrained(ckpt, dtype="bf16", optimize=True).num_parameters() == n
+    for mode in ("int8", "int4"):
+        assert VLM.from_pretrained(ckpt, dtype="bf16", quantize=mode).num_parameters() == n
+    assert plain.num_parameters(trainable=True) == n
+    assert VLM.from_pretrained(ckpt, dtype="bf16", optimize=True).num_parameters(trainable=True) < n
+
+
 def test_upcast_linear_upcasts_large_weights_in_blocks(monkeypatch):
     """Below UPCAST_WHOLE_ROWS rows the weight is upcast a block of rows at a time (last block short), which
     gives the whole upcast product's values, bias included; at UPCAST_WHOLE_ROWS rows it is upcast whole."""
@@ -248,11 +289,16 @@ def test_pack_linears_without_onednn_bf16(ckpt, tmp_path, monkeypatch, layout):
         pytest.skip("the panel kernel is built for AVX2 CPUs only")
     plain = VLM.from_pretrained(ckpt, dtype="bf16")
     fast_model = pack_linears(VLM.from_pretrained(ckpt, dtype="bf16"))
-    layers = [m for m in fast_model.modules() if isinstance(m, (PackedLinear, PanelLinear, UpcastLinear))]
-    assert layers and all(type(m) is layout for m in layers)
     lm = fast_model.language_model
-    assert (lm.tied_head_linear is fast.upcast_linear) == (lm.lm_head is None)  # qwen2's head is tied
+    layers = [m for m in fast_model.modules() if isinstance(m, (PackedLinear, PanelLinear, UpcastLinear))]
+    assert layers and all(type(m) is layout or m is lm.model.embed_tokens for m in layers)
+    # qwen2's head is tied: its embeddings become panels too, else its product the upcasting one
+    tied = lm.lm_head is None
+    assert isinstance(lm.model.embed_tokens, PanelEmbedding) == (tied and layout is PanelLinear)
+    assert (lm.tied_head_linear is fast.upcast_linear) == (tied and layout is UpcastLinear)
     assert plain.language_model.tied_head_linear is F.linear
+    assert fast_model.num_parameters() == plain.num_parameters()
+    assert (fast_model.dtype, fast_model.device) == (plain.dtype, plain.device)
     ids = torch.randint(3, VOCAB, (1, fast.UPCAST_MIN_ROWS + 4), generator=torch.Generator().manual_seed(1))
     for prompt in (ids, ids[:, :20]):  # float32 GEMMs; the kernel (a short prompt)
         torch.testing.assert_close(_logits(fast_model, prompt).float(), _logits(plain, prompt).float(), atol=0.05,
@@ -296,6 +342,13 @@ def llama_ckpt(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tied_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fast_compile_tied")
+    _save(path, "qwen2")
+    return path
+
+
 def _eager_and_compiled_step_logits(model, ids, mask):
     """Prefill, then one decode step eagerly and one through the compiled step on twin caches."""
     from torchvlm.generation.compiled import CompiledDecoder
@@ -318,11 +371,15 @@ def _eager_and_compiled_step_logits(model, ids, mask):
         return eager, compiled, caches
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
-def test_compiled_decode_equals_eager(llama_ckpt, dtype):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8", "bf16-tied"])
+def test_compiled_decode_equals_eager(llama_ckpt, tied_ckpt, dtype):
+    """bf16-tied: a tied head, whose embeddings are panels on AVX2 CPUs (lookup and head in the graph)."""
     torch._dynamo.reset()
     if dtype == "int8":
         model = VLM.from_pretrained(llama_ckpt, dtype="bf16", quantize="int8")
+    elif dtype == "bf16-tied":
+        dtype = "bf16"
+        model = VLM.from_pretrained(tied_ckpt, dtype=dtype, optimize=True)
     else:
         model = VLM.from_pretrained(llama_ckpt, dtype=dtype, optimize=True)
     ids = _ids()

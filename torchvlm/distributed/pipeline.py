@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError, GenerationError
+from ..nn.fast import stored_weight
 from ..nn.kv_cache import KVCache
 from .launch import (DEFAULT_TIMEOUT, LOAD_TIMEOUT, DistEnv, PipelineError, init_distributed, rank_device,
                      require_env, shutdown)
@@ -120,7 +121,7 @@ def _model_bytes(model: nn.Module, dtype: torch.dtype) -> tuple[list[int], int, 
         else:
             first += size(p)
     if model.language_model.lm_head is None:  # tied: the last stage holds a copy of the embeddings
-        last += size(model.language_model.model.embed_tokens.weight)
+        last += size(stored_weight(model.language_model.model.embed_tokens))
     return per_layer, first, last
 
 
@@ -499,7 +500,7 @@ class PipelineLM(nn.Module):
         return hidden
 
     def new_cache(self, batch_size: int, max_len: int, *, dtype=None, device=None) -> StageCache:
-        w = self.model.embed_tokens.weight
+        w = stored_weight(self.model.embed_tokens)
         cfg = self.cfg
         cache = StageCache(self.driver.new_cid(), cfg.num_hidden_layers, self.model.layer_ids, batch_size, max_len,
                            cfg.num_key_value_heads, cfg.head_dim, dtype=dtype or w.dtype, device=device or w.device)

@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from ..config import TextConfig
 from ..errors import ConfigError, ProcessorError
 from ..loading import WeightMap
+from ..nn.fast import RelaidLinear, stored_weight
+from ..nn.quant import QuantizedLinear
 from ..text.decoder import CausalLM
 
 IGNORE_INDEX = -100
@@ -358,7 +360,7 @@ class VLM(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """Dtype of the model's weights (of its token embeddings)."""
-        return self.language_model.model.embed_tokens.weight.dtype
+        return stored_weight(self.language_model.model.embed_tokens).dtype
 
     @property
     def media_token_ids(self) -> tuple[int, ...]:
@@ -368,7 +370,7 @@ class VLM(nn.Module):
     @property
     def device(self) -> torch.device:
         """Device of the model's weights (of its token embeddings)."""
-        return self.language_model.model.embed_tokens.weight.device
+        return stored_weight(self.language_model.model.embed_tokens).device
 
     def image_features(self, pixel_values: Tensor, **extra) -> ImageFeatures:
         """Pixels -> features in LM embedding space. Families with a vision tower override."""
@@ -578,5 +580,20 @@ class VLM(nn.Module):
         return self
 
     def num_parameters(self, trainable: bool = False) -> int:
-        """Number of parameters (only trainable ones with ``trainable=True``); tied weights count once."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable)
+        """Number of parameters (only trainable ones with ``trainable=True``); tied weights count once.
+
+        Layers kept in an inference layout (``optimize=True``) or quantized hold their weights as buffers; they
+        count as the parameters they stand for (never as trainable ones), so the number is the same however
+        the model was loaded."""
+        n = sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable)
+        if trainable:
+            return n
+        lm = self.language_model
+        head = getattr(lm, "lm_head", None)
+        # a quantized tied head (torchvlm.nn.quant) is a copy of the embeddings, which count already
+        copy = head if isinstance(head, QuantizedLinear) and getattr(self.text_config, "tie_word_embeddings",
+                                                                       False) else None
+        for m in self.modules():
+            if isinstance(m, (RelaidLinear, QuantizedLinear)) and m is not copy:
+                n += m.in_features * m.out_features + (0 if m.bias is None else m.bias.numel())
+        return n

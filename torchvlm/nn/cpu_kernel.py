@@ -214,6 +214,14 @@ def unpack_panels(panels: Tensor, n: int, dtype: Optional[torch.dtype] = None) -
     return rows[:n].to(dtype or panels.dtype, memory_format=torch.contiguous_format)
 
 
+def panel_rows(panels: Tensor, index: Tensor) -> Tensor:
+    """Rows ``weight[index]`` (shape ``[*index.shape, K]``, the panels' dtype) of panels made by
+    :func:`pack_panels`, gathered without unpacking the rest (an embedding lookup)."""
+    p, k, _ = panels.shape
+    # row 16 p + 8 h + i of the weight is panels[p, :, 2 i + h]
+    return panels.view(p, k, 8, 2)[index // 16, :, index % 8, (index // 8) % 2]
+
+
 def _panel_linear_reference(x: Tensor, panels: Tensor, bias: Optional[Tensor], n: int) -> Tensor:
     return F.linear(x, unpack_panels(panels, n), bias)
 

@@ -36,12 +36,13 @@ from .cpu_kernel import (
     pack_panels,
     panel_kernel_available,
     panel_linear,
+    panel_rows,
     records_grad,
     unpack_panels,
 )
 
-__all__ = ["PackedLinear", "PanelLinear", "UpcastLinear", "upcast_linear", "fuse_projections", "pack_linears",
-           "optimize_for_inference", "can_pack"]
+__all__ = ["RelaidLinear", "PackedLinear", "PanelLinear", "PanelEmbedding", "UpcastLinear", "upcast_linear",
+           "fuse_projections", "pack_linears", "optimize_for_inference", "can_pack", "stored_weight"]
 
 _PACK_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -152,7 +153,7 @@ def can_pack(dtype: torch.dtype = torch.bfloat16) -> bool:
         return False
 
 
-class _RelaidLinear(nn.Module):
+class RelaidLinear(nn.Module):
     """An inference-only ``nn.Linear`` whose weight is kept in another layout: a non-persistent buffer
     (``_layout_name``) that ``state_dict()`` gives back as the plain ``weight`` and ``load_state_dict``
     re-lays out, so checkpoints keep the ``nn.Linear`` form. Subclasses say how (``_lay_out``, ``_plain``)."""
@@ -164,8 +165,8 @@ class _RelaidLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer(self._layout_name, self._lay_out(linear.weight.detach()), persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self.register_state_dict_post_hook(_RelaidLinear._plain_hook)
-        self.register_load_state_dict_pre_hook(_RelaidLinear._lay_out_hook)
+        self.register_state_dict_post_hook(RelaidLinear._plain_hook)
+        self.register_load_state_dict_pre_hook(RelaidLinear._lay_out_hook)
 
     def _lay_out(self, weight: Tensor) -> Tensor:
         raise NotImplementedError
@@ -198,7 +199,7 @@ class _RelaidLinear(nn.Module):
                f"dtype={self.dtype}, layout={self._layout_name}"
 
 
-class PackedLinear(_RelaidLinear):
+class PackedLinear(RelaidLinear):
     """An ``nn.Linear`` (bf16/fp16, CPU) whose weight is kept in oneDNN's prepacked layout (inference only).
 
     The packed weight is a non-persistent buffer ``packed_weight``; ``state_dict()`` gives it back unpacked
@@ -217,7 +218,7 @@ class PackedLinear(_RelaidLinear):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
 
-class PanelLinear(_RelaidLinear):
+class PanelLinear(RelaidLinear):
     """An ``nn.Linear`` (bf16/fp16, CPU) whose weight is kept in panels of 16 output rows
     (:func:`torchvlm.nn.cpu_kernel.pack_panels`) for the C++ panel kernel (inference only).
 
@@ -250,6 +251,55 @@ class PanelLinear(_RelaidLinear):
             return panel_linear(x, panels, bias, self.out_features)
         w = unpack_panels(panels, self.out_features, torch.float32)
         return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+
+
+class PanelEmbedding(PanelLinear):
+    """The token embeddings of a tied LM head (an ``nn.Embedding`` whose weight is also the head's) kept as
+    panels (inference only), so that the head's product runs in the panel kernel as :class:`PanelLinear`'s
+    do, without a second copy of the table.
+
+    Calling it looks tokens up as ``nn.Embedding`` does: each id's row is gathered from the panels (the same
+    values). :meth:`head` is the tied head's product ``hidden @ weight^T``. ``weight`` unpacks a copy of the
+    table, so read ``dtype`` / ``device`` (or :func:`stored_weight`) where only those matter; ``state_dict()``
+    gives the plain ``weight`` back. On 2 AVX2 cores the 576 x 49152 head of SmolLM2-135M took 4.9 -> 3.9 ms
+    for 8 rows, Qwen2-VL-2B's 1536 x 151936 one 21 -> 19 ms for one row and 47 -> 24 ms for 8
+    (docs/performance.md).
+    """
+
+    def __init__(self, embedding: nn.Embedding):
+        head = nn.Linear(embedding.embedding_dim, embedding.num_embeddings, bias=False, device="meta")
+        head.weight = embedding.weight
+        super().__init__(head)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.out_features
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.in_features
+
+    @property
+    def device(self) -> torch.device:
+        return self.panels.device
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """The embeddings ``[..., embedding_dim]`` of ``input_ids``."""
+        return panel_rows(self.panels, input_ids)
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """The tied head's logits ``hidden @ weight^T`` (:class:`PanelLinear`'s product)."""
+        return PanelLinear.forward(self, hidden)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, dtype={self.dtype}, layout=panels"
+
+
+def stored_weight(module: nn.Module) -> Tensor:
+    """The tensor that holds a layer's weight: ``weight`` of a plain layer, the re-laid-out buffer of a
+    :class:`PackedLinear` / :class:`PanelLinear` / :class:`PanelEmbedding` (whose ``weight`` is an unpacked
+    copy). For its dtype, device or storage."""
+    return getattr(module, module._layout_name) if isinstance(module, RelaidLinear) else module.weight
 
 
 class UpcastLinear(nn.Linear):
@@ -307,8 +357,8 @@ def pack_linears(model: nn.Module, *, include=None) -> nn.Module:
     1024-patch image encode took 2.83 -> 2.53 s with its linears packed). float32 layers are left alone:
     oneDNN's packed float32 product rounds differently from ``F.linear`` (MKL) and was not faster for one
     row (docs/performance.md). Without ``include``, a tied LM head (no ``nn.Linear``: the embedding matrix)
-    gets :func:`upcast_linear` as its product where oneDNN has no bf16 GEMM (it stays row-major: it is the
-    token embedding too).
+    becomes a :class:`PanelEmbedding` where the layers become :class:`PanelLinear` (else it gets
+    :func:`upcast_linear` as its product where oneDNN has no bf16 GEMM).
     """
     from ..text.decoder import CausalLM
 
@@ -344,12 +394,16 @@ def pack_linears(model: nn.Module, *, include=None) -> nn.Module:
 
     visit(model, "")
     # a tied LM head (CausalLM.lm_head None: logits = hidden @ embeddings^T) is no nn.Linear (and no layer an
-    # ``include`` can name); with every layer converted, on CPUs without oneDNN bf16 it takes UpcastLinear's
-    # path too (8 rows through the engine: SmolLM2's 576 x 49152 head 28 -> 14 ms)
-    for module in model.modules() if every_layer else ():
-        if isinstance(module, CausalLM) and module.lm_head is None:
-            w = module.model.embed_tokens.weight
-            if w.is_cpu and w.dtype in _PACK_DTYPES and not packable(w.dtype):
+    # ``include`` can name); with every layer converted, on CPUs without oneDNN bf16 the embeddings become
+    # panels too (PanelEmbedding), or the head takes UpcastLinear's path (8 rows through the engine: SmolLM2's
+    # 576 x 49152 head 28 -> 14 ms in the row-major kernel, 4.9 -> 3.9 ms in panels)
+    for module in list(model.modules()) if every_layer else ():
+        emb = module.model.embed_tokens if isinstance(module, CausalLM) and module.lm_head is None else None
+        if type(emb) is nn.Embedding and emb.weight.is_cpu and emb.weight.dtype in _PACK_DTYPES \
+                and not packable(emb.weight.dtype):
+            if panel_kernel_available():
+                module.model.embed_tokens = PanelEmbedding(emb)
+            else:
                 module.tied_head_linear = upcast_linear
     return model
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..config import TextConfig
 from ..nn.attention import attention, build_mask
+from ..nn.fast import PanelEmbedding, stored_weight
 from ..nn.kv_cache import KVCache
 from ..nn.mlp import GatedMLP
 from ..nn.norm import RMSNorm
@@ -263,7 +264,9 @@ class CausalLM(nn.Module):
         """Vocabulary logits of hidden states (final soft-cap applied where configured)."""
         # through the module, so a quantized head (torchvlm.nn.quant) runs its own kernel
         if self.lm_head is None:
-            logits = self.tied_head_linear(hidden, self.model.embed_tokens.weight)
+            emb = self.model.embed_tokens
+            # embeddings kept as panels (torchvlm.nn.fast.pack_linears) multiply in the panel kernel
+            logits = emb.head(hidden) if isinstance(emb, PanelEmbedding) else self.tied_head_linear(hidden, emb.weight)
         else:
             logits = self.lm_head(hidden)
         cap = self.cfg.final_logit_softcap
@@ -273,7 +276,7 @@ class CausalLM(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int, *, dtype=None, device=None) -> KVCache:
         """A KV cache sized for this decoder."""
-        w = self.model.embed_tokens.weight
+        w = stored_weight(self.model.embed_tokens)
         return KVCache(
             self.cfg.num_hidden_layers,
             batch_size,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, TorchVLMError
-from ..nn.fast import PackedLinear, PanelLinear
+from ..nn.fast import RelaidLinear
 
 __all__ = ["require_train_extra", "lora_targets", "apply_lora", "save_adapter", "load_adapter", "merge_lora",
            "quantize_4bit", "is_lora_param", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
@@ -55,7 +55,7 @@ def lora_targets(model: nn.Module, names: list[str] | None = None) -> list[str]:
     if getattr(model, "quantized", None):
         raise ConfigError("LoRA: the model was quantized on load (int8/int4 kernels); load it with quantize=None")
     fused = [n for n, m in model.named_modules() if getattr(m, "qkv_proj", None) is not None]
-    if fused or any(isinstance(m, (PackedLinear, PanelLinear)) for m in model.modules()):
+    if fused or any(isinstance(m, RelaidLinear) for m in model.modules()):
         raise ConfigError("LoRA/training needs the plain layout: load the model with optimize=False "
                           "(fused q/k/v or prepacked weights found)")
     if not names:
