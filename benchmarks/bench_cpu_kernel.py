@@ -11,6 +11,7 @@ one process and interleaved (best of --repeats each, so that a noisy machine hur
 
 1. products of one model's layer shapes, the weights of --layers layers streamed from memory as in a decode
    step (not one matrix again and again, which a large L3 cache would flatter), for 1, 2, 4, 8 and 32 rows;
+   then its tied LM head (the embedding matrix) row-major and in panels (PanelEmbedding's layout);
 2. whole-model decode of the same model in each layout (UpcastLinear with F.linear, UpcastLinear with the
    row-major kernel, PanelLinear): batch 1 (generate) and 8 concurrent requests through the
    continuous-batching Engine.
@@ -32,6 +33,8 @@ SHAPES = {  # (out, in) of one decoder layer's fused projections: qkv, o, gate_u
     "smollm2-135m": [(960, 576), (576, 576), (3072, 576), (576, 1536)],
     "qwen2-1.5b": [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960)],
 }
+#: (vocabulary, hidden) of the tied LM head that goes with each: SmolLM2-135M's, Qwen2-VL-2B's
+HEADS = {"smollm2-135m": (49152, 576), "qwen2-1.5b": (151936, 1536)}
 
 
 def _best(fn, repeats: int) -> float:
@@ -84,6 +87,20 @@ def products(shapes: str, layers: int, repeats: int) -> None:
     _compare(items, lambda it: it[0].shape[1], variants, mb, repeats)
 
 
+def head_products(shapes: str, repeats: int) -> None:
+    """A tied LM head: the row-major kernel (the plain embedding matrix) against the panel kernel
+    (PanelEmbedding keeps the matrix in panels); F.linear is left out (minutes for the larger head)."""
+    if not cpu_kernel.panel_kernel_available():
+        return
+    n, k = HEADS[shapes]
+    w = (torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
+    mb = w.numel() * 2 / 1e6
+    print(f"\ntied head: {shapes}'s {k} x {n} ({mb:.0f} MB of bf16 weights), best of {repeats}")
+    variants = [("row-major", lambda x, it: cpu_kernel.lowp_linear(x, it[0])),
+                ("panels", lambda x, it: cpu_kernel.panel_linear(x, it[1], None, n))]
+    _compare([(w, cpu_kernel.pack_panels(w))], lambda it: k, variants, mb, repeats)
+
+
 def quantized_products(shapes: str, layers: int, repeats: int) -> None:
     """torchvlm's int8 and int4 kernels (torchvlm::int8_linear, torchvlm::int4_linear) against PyTorch's
     _weight_int8pack_mm and _weight_int4pack_mm_for_cpu on the same quantized weights (int4: group 32)."""
@@ -128,7 +145,7 @@ def model_decode(model_id: str | None, new_tokens: int, repeats: int) -> None:
         return
     model_id = model_id or smollm2_gguf_path()
     # the same weights in the three layouts of an AVX2 CPU: UpcastLinear multiplying with F.linear, UpcastLinear
-    # with the row-major kernel, PanelLinear (where the panel kernel is built)
+    # with the row-major kernel, PanelLinear and PanelEmbedding (where the panel kernel is built)
     real_lowp, real_panels = fast.lowp_linear, fast.panel_kernel_available
     fast.panel_kernel_available = lambda: False
     try:
@@ -190,6 +207,7 @@ def main(argv=None) -> int:
     for shapes in ns.shapes.split(","):
         per_layer = sum(n * k * 2 for n, k in SHAPES[shapes])
         products(shapes, ns.layers or max(1, round(200e6 / per_layer)), ns.repeats)
+        head_products(shapes, ns.repeats)
         if ns.quantized:  # as many layers as above: the same decode-step work, in fewer bytes
             quantized_products(shapes, ns.layers or max(1, round(200e6 / per_layer)), ns.repeats)
     if not ns.skip_model:
