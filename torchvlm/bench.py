@@ -435,19 +435,20 @@ def _run_torchvlm(spec: dict, res: dict) -> None:
         return times, [int(x) for x in toks]
 
     _timed_runs(gen, spec, res)
-    if spec.get("concurrent", 0) > 1 and not spec.get("compile"):
+    if spec.get("concurrent", 0) > 1:
         _concurrent_runs(model, spec, res)
 
 
-def engine_timed(model, prompts, params) -> dict:
+def engine_timed(model, prompts, params, compile: bool = False) -> dict:
     """Run ``prompts`` (token ids ``[T]``) at once through a fresh continuous-batching :class:`Engine` (one row
-    each, prefix reuse off, so each computes its whole prompt) and time it: ``tokens`` (request id -> ids),
-    ``total_s``, ``first_step_tokens`` (the first step prefills every request, then decodes once),
-    ``decode_tokens`` and ``decode_s`` (those after the first step, and the time after it)."""
+    each, prefix reuse off, so each computes its whole prompt; ``compile``: its compiled decode step) and time
+    it: ``tokens`` (request id -> ids), ``total_s``, ``first_step_tokens`` (the first step prefills every
+    request, then decodes once), ``decode_tokens`` and ``decode_s`` (those after the first step, and the time
+    after it)."""
     from .generation.engine import Engine
 
     engine = Engine(model, max_batch_size=len(prompts), max_len=max(len(p) for p in prompts)
-                    + params.max_new_tokens + 1, prefix_cache_tokens=0)
+                    + params.max_new_tokens + 1, prefix_cache_tokens=0, compile=compile)
     for ids in prompts:
         engine.add_request(ids, params=params, ignore_eos=True)
     tokens: dict[str, list[int]] = {}
@@ -469,16 +470,21 @@ def _concurrent_runs(model, spec: dict, res: dict) -> None:
     """``concurrent`` requests of the benchmark prompt through the continuous-batching engine
     (:func:`engine_timed`): aggregate decode tok/s (the tokens after the engine's first step over the time
     after it; the batch-1 ``decode_tps`` is measured the same way, after the first token) and end to end;
-    best of ``repeats``."""
+    best of ``repeats``. A compiled row runs the engine's compiled step, compiled by an untimed first run
+    (``warmup_s``), against its compiled batch-1 decode."""
     import torch
 
     from .generation.sampling import SamplingParams
 
-    requests, n = spec["concurrent"], spec["new_tokens"]
+    requests, n, compile = spec["concurrent"], spec["new_tokens"], bool(spec.get("compile"))
     ids = torch.tensor(spec["input_ids"], dtype=torch.long)
-    decode, total = [], []
+    decode, total, warmup = [], [], None
+    if compile:
+        t0 = time.perf_counter()
+        engine_timed(model, [ids] * requests, SamplingParams(max_new_tokens=2), compile=True)
+        warmup = time.perf_counter() - t0
     for _ in range(spec["repeats"]):
-        run = engine_timed(model, [ids] * requests, SamplingParams(max_new_tokens=n))
+        run = engine_timed(model, [ids] * requests, SamplingParams(max_new_tokens=n), compile=compile)
         if run["first_step_tokens"] != 2 * requests:  # each request's first token (prefill) and one decode step
             raise RuntimeError(f"the engine's first step gave {run['first_step_tokens']} tokens for {requests} "
                                "requests")
@@ -486,7 +492,7 @@ def _concurrent_runs(model, spec: dict, res: dict) -> None:
         total.append(requests * n / run["total_s"])
     res["concurrent"] = {"requests": requests, "decode_tps": max(decode), "total_tps": max(total),
                          "ratio": max(decode) / res["decode_tps"] if res.get("decode_tps") else None,
-                         "samples": {"decode_tps": decode, "total_tps": total}}
+                         "warmup_s": warmup, "samples": {"decode_tps": decode, "total_tps": total}}
 
 
 def _run_hf(spec: dict, res: dict) -> None:
@@ -1105,7 +1111,8 @@ def format_report(report: dict) -> str:
         if c:
             lines.append(f"{r['label']}: {c['requests']} concurrent requests (continuous batching): "
                          f"{c['decode_tps']:.1f} tok/s decode = {_fmt(c['ratio'], '.2f')}x its batch-1 decode; "
-                         f"{c['total_tps']:.1f} tok/s end to end (prefills included)")
+                         f"{c['total_tps']:.1f} tok/s end to end (prefills included)"
+                         + (f"; its step compiled in {c['warmup_s']:.0f} s, untimed" if c.get("warmup_s") else ""))
     for a in report.get("token_agreement", []):
         lines.append(f"greedy tokens {a['engine']} vs {a['vs']}: "
                      + ("identical" if a["same"] else f"differ from token {a['first_difference']} on"))

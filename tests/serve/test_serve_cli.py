@@ -23,6 +23,8 @@ def test_defaults_are_safe(llava_dir):
     cfg = config_from_args(ns)
     assert cfg.allowed_media_domains == () and cfg.allowed_local_media_path is None
     assert cfg.served_model_name == str(llava_dir)
+    assert not cfg.compile
+    assert config_from_args(build_parser().parse_args(["serve", "--model", str(llava_dir), "--compile"])).compile
 
 
 def test_argument_errors(llava_dir, capsys, monkeypatch):

@@ -116,7 +116,7 @@ def test_bad_arguments_are_one_line_errors(capsys):
 
 
 def test_concurrent_requests_through_the_engine(tmp_path, capsys):
-    """--concurrent N runs N requests at once through the continuous-batching engine in the eager torchvlm
+    """--concurrent N runs N requests at once through the continuous-batching engine in the torchvlm
     rows and reports their aggregate decode rate against the same row's batch-1 decode."""
     out = tmp_path / "bench.json"
     assert bench.main(["--synthetic", "tiny", "--engines", "torchvlm", "--dtype", "fp32", "--concurrent", "3",
@@ -131,6 +131,28 @@ def test_concurrent_requests_through_the_engine(tmp_path, capsys):
     c = row["concurrent"]
     assert c["requests"] == 3 and c["decode_tps"] > 0 and c["total_tps"] > 0
     assert c["ratio"] == pytest.approx(c["decode_tps"] / row["decode_tps"])
+
+
+def test_compiled_rows_time_the_compiled_engine_after_an_untimed_run(monkeypatch):
+    """A compiled row's --concurrent runs go through Engine(compile=True): one untimed run first (it compiles
+    the step; warmup_s), then the timed ones, and the ratio is against that row's (compiled) batch-1 rate."""
+    calls = []
+
+    def fake(model, prompts, params, compile=False):
+        calls.append((len(prompts), params.max_new_tokens, compile))
+        return {"tokens": {}, "total_s": 2.0, "first_step_tokens": 2 * len(prompts), "decode_tokens": 40,
+                "decode_s": 1.0}
+
+    monkeypatch.setattr(bench, "engine_timed", fake)
+    res = {"decode_tps": 10.0}
+    spec = {"concurrent": 4, "new_tokens": 11, "input_ids": [5, 6, 7], "repeats": 2, "compile": True}
+    bench._concurrent_runs(None, spec, res)
+    assert calls == [(4, 2, True), (4, 11, True), (4, 11, True)]
+    c = res["concurrent"]
+    assert c["warmup_s"] is not None and c["decode_tps"] == 40.0 and c["ratio"] == 4.0
+    calls.clear()
+    bench._concurrent_runs(None, dict(spec, compile=False), res)
+    assert calls == [(4, 11, False)] * 2 and res["concurrent"]["warmup_s"] is None
 
 
 def test_synthetic_qwen_vl_goes_through_its_processor(tmp_path):

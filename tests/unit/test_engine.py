@@ -42,6 +42,33 @@ def test_continuous_batching_equals_sequential_greedy(text_model):
         assert got[rid] == ref, rid
 
 
+def test_compiled_engine_equals_sequential_greedy(text_model, monkeypatch):
+    """Engine(compile=True): the decode steps run the compiled step on views of the shared cache (rows and
+    length dynamic) and give the tokens of sequential eager runs, as rows leave (3 -> 2 -> 1 running) and
+    requests join; two graphs in all (one row, more rows), however the rows and lengths change."""
+    from torch._dynamo.utils import counters
+
+    from torchvlm.generation import compiled
+
+    torch._dynamo.reset()
+    calls = []
+    real = compiled.CompiledRowsDecoder.__call__
+    monkeypatch.setattr(compiled.CompiledRowsDecoder, "__call__",
+                        lambda self, tokens, *a: calls.append(tokens.shape[0]) or real(self, tokens, *a))
+    prompts = _prompts(5, seed=3)
+    lengths = [6, 2, 11, 4, 3]
+    engine = Engine(text_model, max_batch_size=3, max_len=64, compile=True)
+    before = counters["stats"]["unique_graphs"]
+    ids = [engine.add_request(p, params=SamplingParams(max_new_tokens=n), ignore_eos=True)
+           for p, n in zip(prompts, lengths)]
+    got = engine.run()
+    for rid, p, n in zip(ids, prompts, lengths):
+        ref = generate(text_model, p[None], max_new_tokens=n, ignore_eos=True).sequences[0].tolist()
+        assert got[rid] == ref, rid
+    assert {1, 2, 3} <= set(calls)  # every step decoded through it, at every row count
+    assert counters["stats"]["unique_graphs"] - before == 2
+
+
 def test_requests_admitted_together_share_one_prefill(text_model, monkeypatch):
     """Requests admitted in the same step are prefilled in one forward (right-padded prompts), and each still
     gets exactly the tokens of a lone generate call; a request that would reuse the prefix another of them

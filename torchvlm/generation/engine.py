@@ -159,10 +159,15 @@ class Engine:
             on prompts of unequal length (a request whose prompt alone exceeds it prefills alone).
             Reuse stops before the first image token and is off for prefix-LM families (PaliGemma),
             whose prompt keys depend on later prompt tokens.
+        compile: run the decode steps through a ``torch.compile``-captured step
+            (:class:`~torchvlm.generation.compiled.CompiledRowsDecoder`): faster steps after a one-time
+            compilation of two graphs (one row, more rows; a minute or two each on 2 CPU cores); decoders the
+            compiled step does not support run eagerly, as with ``generate(compile=True)``.
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 8, max_len: int | None = None,
-                 image_cache_size: int = 32, prefix_cache_tokens: int = 4096, prefill_batch_tokens: int = 2048):
+                 image_cache_size: int = 32, prefix_cache_tokens: int = 4096, prefill_batch_tokens: int = 2048,
+                 compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -174,6 +179,12 @@ class Engine:
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self.prefill_batch_tokens = prefill_batch_tokens
         self._ids = itertools.count()
+        self._compiled = None
+        if compile:
+            from .compiled import CompiledRowsDecoder, supported
+
+            if supported(model.language_model)[0]:
+                self._compiled = CompiledRowsDecoder(model.language_model, self.cache)
 
     # ------------------------------------------------------------------------------------------ requests
     def add_request(
@@ -376,13 +387,17 @@ class Engine:
         kv_len = max(r.length for r in self.running) + 1
         positions = torch.tensor([[r.position] for r in self.running], device=device)
         tokens = torch.tensor([[r.last] for r in self.running], device=device)
-        key_valid = torch.arange(kv_len, device=device)[None, :] <= slots[:, None]
-        hidden, _ = lm.model(lm.model.embed(tokens), positions, cache=self.cache.rows(slice(0, n)), slots=slots,
-                             kv_len=kv_len, key_valid=key_valid)
+        if self._compiled is not None:
+            logits = self._compiled(tokens, positions, slots, kv_len)
+        else:
+            key_valid = torch.arange(kv_len, device=device)[None, :] <= slots[:, None]
+            hidden, _ = lm.model(lm.model.embed(tokens), positions, cache=self.cache.rows(slice(0, n)),
+                                 slots=slots, kv_len=kv_len, key_valid=key_valid)
+            logits = lm.logits(hidden[:, -1])
         for r in self.running:
             r.length += 1
             r.position += 1
-        return lm.logits(hidden[:, -1])
+        return logits
 
     def _accept(self, req: _Request, logits: Tensor) -> RequestOutput:
         if req.history is None:

@@ -387,7 +387,7 @@ def create_app(model, processor, config: ServeConfig | None = None, *, engine: E
                             f"({context} tokens)")
     if engine is None:
         engine = Engine(model, processor.tokenizer, max_batch_size=config.max_batch_size,
-                        max_len=config.max_model_len)
+                        max_len=config.max_model_len, compile=config.compile)
     cache_bytes = sum(t.numel() * t.element_size() for t in list(engine.cache.k) + list(engine.cache.v))
     log.info("engine: %d rows x %d tokens of KV cache (%.1f MB); queue %d", engine.max_batch_size, engine.max_len,
              cache_bytes / 2**20, config.max_queue)

@@ -92,7 +92,7 @@ def config_from_args(ns: argparse.Namespace) -> ServeConfig:
         max_batch_size=ns.max_batch_size, max_queue=ns.max_queue, max_images_per_request=ns.max_images_per_request,
         max_image_pixels=ns.max_image_pixels, max_image_bytes=ns.max_image_bytes, max_body_bytes=ns.max_body_bytes,
         media_fetch_timeout=ns.media_fetch_timeout, max_model_len=ns.max_model_len,
-        default_max_tokens=ns.default_max_tokens,
+        default_max_tokens=ns.default_max_tokens, compile=ns.compile,
     )
 
 

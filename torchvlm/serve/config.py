@@ -34,6 +34,8 @@ class ServeConfig:
             length capped at 4096.
         default_max_tokens: completion length when a request gives none (``None``: the rest of the context).
         max_n: largest ``n`` (choices per request).
+        compile: decode through the engine's ``torch.compile``-captured step (``Engine(compile=True)``):
+            faster steps after compiling on the first requests (a minute or two on 2 CPU cores).
         resolver: ``(host, port) -> [ip, ...]``; default: the system resolver. Tests inject a fake DNS.
         dial: ``(ip, port, timeout) -> socket``; default: ``socket.create_connection``. Tests route a fake
             public address to a local test server; the address checks still run on the resolved ip.
@@ -59,6 +61,7 @@ class ServeConfig:
     max_model_len: int | None = None
     default_max_tokens: int | None = None
     max_n: int = 8
+    compile: bool = False
     resolver: Callable | None = field(default=None, repr=False)
     dial: Callable | None = field(default=None, repr=False)
     tls_context: Any = field(default=None, repr=False)
