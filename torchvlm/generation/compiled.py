@@ -133,7 +133,6 @@ class CompiledRowsDecoder:
         self.cache = cache
         text = lm.model
         self.rope_freqs = None if text.dynamic_rope else text.rope_freqs(device=cache.k[0].device)
-        self._ready: set[bool] = set()  # row-count kinds (one row or more) whose graph this cache has run
 
     def __call__(self, tokens: Tensor, positions: Tensor, slots: Tensor, kv_len: int) -> Tensor:
         """Logits ``[n, V]`` of the step that writes slot ``slots[i]`` of cache row ``i`` for ``tokens [n, 1]``
@@ -146,16 +145,9 @@ class CompiledRowsDecoder:
         if n > 1:
             for t in [tokens, positions, slots, *k, *v]:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
-        args = (tokens, positions, slots, None, k, v, self.rope_freqs)
-        kind = n > 1
-        if kind not in self._ready:  # compiles (or checks every guard) once per kind and cache
-            import torch._inductor.config as inductor_config
+        import torch._inductor.config as inductor_config
 
-            with inductor_config.patch(INDUCTOR_OPTIONS):
-                out = self.fn(*args)
-            self._ready.add(kind)
-            return out
-        # Later steps differ from one of those only in the sizes marked dynamic (same cache, same strides), so
-        # only the guards that tell the compiled graphs apart are evaluated (~1 ms a step for 30 layers)
-        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-            return self.fn(*args)
+        # Every guard is checked each step (~1 ms for 30 layers): the row count and length change, and a family
+        # whose graph had to specialize one of them needs the recompile that a skipped guard would miss
+        with inductor_config.patch(INDUCTOR_OPTIONS):  # read when a graph compiles
+            return self.fn(tokens, positions, slots, None, k, v, self.rope_freqs)

@@ -261,9 +261,9 @@ class PanelEmbedding(PanelLinear):
     Calling it looks tokens up as ``nn.Embedding`` does: each id's row is gathered from the panels (the same
     values). :meth:`head` is the tied head's product ``hidden @ weight^T``. ``weight`` unpacks a copy of the
     table, so read ``dtype`` / ``device`` (or :func:`stored_weight`) where only those matter; ``state_dict()``
-    gives the plain ``weight`` back. On 2 AVX2 cores the 576 x 49152 head of SmolLM2-135M took 4.9 -> 3.9 ms
-    for 8 rows, Qwen2-VL-2B's 1536 x 151936 one 21 -> 19 ms for one row and 47 -> 24 ms for 8
-    (docs/performance.md).
+    gives the plain ``weight`` back. On 2 AVX2 cores, 8 rows through SmolLM2-135M's 576 x 49152 head took
+    3.7 -> 2.9 ms, through Qwen2-VL-2B's 1536 x 151936 one 54 -> 29 ms; one row about the same as the row-major
+    kernel (docs/performance.md, benchmarks/bench_cpu_kernel.py).
     """
 
     def __init__(self, embedding: nn.Embedding):
@@ -395,8 +395,8 @@ def pack_linears(model: nn.Module, *, include=None) -> nn.Module:
     visit(model, "")
     # a tied LM head (CausalLM.lm_head None: logits = hidden @ embeddings^T) is no nn.Linear (and no layer an
     # ``include`` can name); with every layer converted, on CPUs without oneDNN bf16 the embeddings become
-    # panels too (PanelEmbedding), or the head takes UpcastLinear's path (8 rows through the engine: SmolLM2's
-    # 576 x 49152 head 28 -> 14 ms in the row-major kernel, 4.9 -> 3.9 ms in panels)
+    # panels too (PanelEmbedding), or the head takes UpcastLinear's path (8 rows through SmolLM2's 576 x 49152
+    # head: ~3.7 ms in the row-major kernel, ~2.9 ms in panels; several times that in bf16 F.linear)
     for module in list(model.modules()) if every_layer else ():
         emb = module.model.embed_tokens if isinstance(module, CausalLM) and module.lm_head is None else None
         if type(emb) is nn.Embedding and emb.weight.is_cpu and emb.weight.dtype in _PACK_DTYPES \
