@@ -30,16 +30,19 @@ def _prompts(n, seed=0):
     return [torch.randint(3, 128, (int(torch.randint(3, 15, (1,), generator=g)),), generator=g) for _ in range(n)]
 
 
-def test_continuous_batching_equals_sequential_greedy(text_model):
-    prompts = _prompts(7)
-    lengths = [5, 12, 3, 9, 1, 7, 10]  # requests leave at different steps; rows are reused
-    engine = Engine(text_model, max_batch_size=3, max_len=64)
+def _check_against_sequential(engine, prompts, lengths):
+    """Run the prompts through ``engine`` (``lengths`` new tokens each): each gets a lone generate call's tokens."""
     ids = [engine.add_request(p, params=SamplingParams(max_new_tokens=n), ignore_eos=True)
            for p, n in zip(prompts, lengths)]
     got = engine.run()
     for rid, p, n in zip(ids, prompts, lengths):
-        ref = generate(text_model, p[None], max_new_tokens=n, ignore_eos=True).sequences[0].tolist()
+        ref = generate(engine.model, p[None], max_new_tokens=n, ignore_eos=True).sequences[0].tolist()
         assert got[rid] == ref, rid
+
+
+def test_continuous_batching_equals_sequential_greedy(text_model):
+    lengths = [5, 12, 3, 9, 1, 7, 10]  # requests leave at different steps; rows are reused
+    _check_against_sequential(Engine(text_model, max_batch_size=3, max_len=64), _prompts(7), lengths)
 
 
 def test_compiled_engine_equals_sequential_greedy(text_model, monkeypatch):
@@ -55,16 +58,9 @@ def test_compiled_engine_equals_sequential_greedy(text_model, monkeypatch):
     real = compiled.CompiledRowsDecoder.__call__
     monkeypatch.setattr(compiled.CompiledRowsDecoder, "__call__",
                         lambda self, tokens, *a: calls.append(tokens.shape[0]) or real(self, tokens, *a))
-    prompts = _prompts(5, seed=3)
-    lengths = [6, 2, 11, 4, 3]
     engine = Engine(text_model, max_batch_size=3, max_len=64, compile=True)
     before = counters["stats"]["unique_graphs"]
-    ids = [engine.add_request(p, params=SamplingParams(max_new_tokens=n), ignore_eos=True)
-           for p, n in zip(prompts, lengths)]
-    got = engine.run()
-    for rid, p, n in zip(ids, prompts, lengths):
-        ref = generate(text_model, p[None], max_new_tokens=n, ignore_eos=True).sequences[0].tolist()
-        assert got[rid] == ref, rid
+    _check_against_sequential(engine, _prompts(5, seed=3), [6, 2, 11, 4, 3])
     assert {1, 2, 3} <= set(calls)  # every step decoded through it, at every row count
     assert counters["stats"]["unique_graphs"] - before == 2
 
