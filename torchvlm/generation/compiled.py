@@ -77,6 +77,13 @@ def reset(lm=None) -> None:
         _compiled.pop(lm, None)
 
 
+def _rope_freqs(lm, cache: KVCache) -> Tensor | None:
+    """The step's rope frequencies, an input computed once: inside the step Inductor would fold their pow into
+    every layer's rope kernel (the compiled SmolLM2-135M int4 step took ~5% longer); None for dynamic NTK rope."""
+    text = lm.model
+    return None if text.dynamic_rope else text.rope_freqs(device=cache.k[0].device)
+
+
 class CompiledDecoder:
     """Runs the decode steps of one generation through the compiled step.
 
@@ -90,10 +97,7 @@ class CompiledDecoder:
         self.fn = compiled_step(lm)
         self.cache = cache
         self.pad_valid = pad_valid
-        # an input of the step, computed once: inside it Inductor would fold their pow into every layer's
-        # rope kernel (the compiled SmolLM2-135M int4 step took ~5% longer); None for dynamic NTK rope
-        text = lm.model
-        self.rope_freqs = None if text.dynamic_rope else text.rope_freqs(device=cache.k[0].device)
+        self.rope_freqs = _rope_freqs(lm, cache)
         for t in [*cache.k, *cache.v] + ([pad_valid] if pad_valid is not None else []):
             torch._dynamo.maybe_mark_dynamic(t, t.dim() - 1 if t is pad_valid else 2)
         self.steps = 0
@@ -131,8 +135,7 @@ class CompiledRowsDecoder:
     def __init__(self, lm, cache: KVCache):
         self.fn = compiled_step(lm)
         self.cache = cache
-        text = lm.model
-        self.rope_freqs = None if text.dynamic_rope else text.rope_freqs(device=cache.k[0].device)
+        self.rope_freqs = _rope_freqs(lm, cache)
 
     def __call__(self, tokens: Tensor, positions: Tensor, slots: Tensor, kv_len: int) -> Tensor:
         """Logits ``[n, V]`` of the step that writes slot ``slots[i]`` of cache row ``i`` for ``tokens [n, 1]``
